@@ -1,0 +1,1 @@
+"""axme-fw: an egress firewall and kill switch for AI agents."""

@@ -1,0 +1,461 @@
+"""``axme-fw``: the command line. The only module that imports click.
+
+Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line on stderr; ``--json``
+output is pure JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import yaml
+
+from . import audit as audit_mod
+from . import killswitch
+from .rules import (
+    GENERATED_AGENTS_FILE,
+    KILL_FILE,
+    Loader,
+    RulesError,
+    Ruleset,
+    atomic_write,
+    token_digest,
+)
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+RULES_OPT = click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path),
+    envvar="AXME_FW_RULES",
+    default="rules",
+    show_default=True,
+    help="Rules directory (or AXME_FW_RULES).",
+)
+STATE_OPT = click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(path_type=Path),
+    envvar="AXME_FW_STATE",
+    default="state",
+    show_default=True,
+    help="State directory (or AXME_FW_STATE).",
+)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"axme-fw: {message}", err=True)
+    sys.exit(code)
+
+
+def load_rules(rules_dir: Path) -> Ruleset:
+    try:
+        return Loader(rules_dir).load()
+    except RulesError as exc:
+        first = exc.messages[0]
+        more = (
+            f" (and {len(exc.messages) - 1} more; run `axme-fw rules check`)"
+            if len(exc.messages) > 1
+            else ""
+        )
+        fail(f"{first}{more}")
+
+
+def who() -> str:
+    return f"cli:{os.environ.get('USER') or getpass.getuser()}"
+
+
+@click.group(context_settings=CONTEXT)
+def main() -> None:
+    """Egress firewall and kill switch for AI agents.
+
+    \b
+    Quick start:
+      axme-fw agent add deployer        # prints a token once
+      axme-fw run                       # the proxy on 127.0.0.1:8080
+      eval "$(axme-fw env deployer)"    # in the agent's shell
+      axme-fw kill deployer --reason "runaway deploys"
+    """
+
+
+# ---------------------------------------------------------------- run
+
+
+@main.command(context_settings=CONTEXT)
+@RULES_OPT
+@STATE_OPT
+@click.option("--listen-host", default="127.0.0.1", show_default=True)
+@click.option("--listen-port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--set", "sets", multiple=True, metavar="OPTION=VALUE", help="A mitmproxy option (repeatable)."
+)
+def run(
+    rules_dir: Path, state_dir: Path, listen_host: str, listen_port: int, sets: tuple[str, ...]
+) -> None:
+    """Start the proxy with the firewall.
+
+    Example: axme-fw run --rules rules --state state --listen-port 8080
+    """
+    from .firewall import serve  # imports mitmproxy: only for this command
+
+    load_rules(rules_dir)  # a readable error before mitmproxy starts
+    state_dir.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--set {item!r}: expected OPTION=VALUE", 2)
+        extra[key] = value
+    click.echo(
+        f"axme-fw: proxy on {listen_host}:{listen_port}, rules {rules_dir}, state {state_dir}"
+    )
+    click.echo(f"axme-fw: clients must trust {state_dir.resolve() / 'mitmproxy-ca-cert.pem'}")
+    sys.stdout.flush()
+    sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, extra))
+
+
+# ---------------------------------------------------------------- kill / pause / resume
+
+
+def _wait(state_dir: Path, revision: int, no_wait: bool, verb: str) -> None:
+    if no_wait:
+        click.echo(f"{verb} written (revision {revision}); not waiting for the proxy")
+        return
+    import time
+
+    start = time.monotonic()
+    ack = killswitch.wait_enforced(state_dir, revision, timeout=2.0)
+    if ack is None:
+        fail(
+            f"{verb} written to the kill list (revision {revision}), but no running proxy "
+            f"confirmed it within 2 s; it takes effect when a proxy reads {state_dir}"
+        )
+    ms = (time.monotonic() - start) * 1000
+    where = ", ".join(ack.get("listen") or []) or f"pid {ack.get('pid')}"
+    click.echo(f"{verb}: enforced by the proxy on {where} after {ms:.0f} ms")
+
+
+def _kill(
+    rules_dir: Path, state_dir: Path, agent: str, mode: str, reason: str, no_wait: bool
+) -> None:
+    rules = load_rules(rules_dir)
+    if not any(c in agent for c in "*?[") and agent not in rules.agents:
+        click.echo(
+            f"axme-fw: warning: no agent {agent!r} in the rules; killing it anyway", err=True
+        )
+    try:
+        change = killswitch.kill(rules_dir, agent, mode, reason, who())
+    except (killswitch.KillFileError, OSError) as exc:
+        fail(str(exc))
+    event = "agent.paused" if mode == "park" else "agent.killed"
+    audit_mod.append(
+        state_dir, event, agent=agent, mode=mode, reason=reason, by=who(), revision=change.revision
+    )
+    _wait(
+        state_dir, change.revision, no_wait, f"{'paused' if mode == 'park' else 'killed'} {agent}"
+    )
+
+
+NO_WAIT = click.option("--no-wait", is_flag=True, help="Do not wait for the proxy to confirm.")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("agent")
+@click.option("--reason", default="", help="Why; shown to the agent and in the audit log.")
+@click.option("--park", is_flag=True, help="Hold the agent's requests instead of refusing them.")
+@NO_WAIT
+@RULES_OPT
+@STATE_OPT
+def kill(
+    agent: str, reason: str, park: bool, no_wait: bool, rules_dir: Path, state_dir: Path
+) -> None:
+    """Cut off AGENT (a name or a glob such as 'deploy-*' or '*') at the proxy.
+
+    Example: axme-fw kill deployer --reason "runaway deploys"
+    """
+    _kill(rules_dir, state_dir, agent, "park" if park else "block", reason, no_wait)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("agent")
+@click.option("--reason", default="", help="Why; recorded in the audit log.")
+@NO_WAIT
+@RULES_OPT
+@STATE_OPT
+def pause(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: Path) -> None:
+    """Hold AGENT's new requests until `resume` (same as `kill --park`).
+
+    Example: axme-fw pause deployer --reason "waiting for review"
+    """
+    _kill(rules_dir, state_dir, agent, "park", reason, no_wait)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("agent")
+@click.option("--reason", default="", help="Why; recorded in the audit log.")
+@NO_WAIT
+@RULES_OPT
+@STATE_OPT
+def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: Path) -> None:
+    """Let AGENT through again; parked requests are released in order.
+
+    Example: axme-fw resume deployer --reason "fixed the loop"
+    """
+    try:
+        change = killswitch.resume(rules_dir, agent)
+    except (killswitch.KillFileError, OSError) as exc:
+        fail(str(exc))
+    if not change.removed:
+        click.echo(f"axme-fw: warning: {agent!r} was not in the kill list", err=True)
+    still = killswitch.covering(change.entries, agent)
+    if still:
+        click.echo(
+            f"axme-fw: warning: {agent} is still covered by kill {', '.join(still)}", err=True
+        )
+    audit_mod.append(
+        state_dir, "agent.resumed", agent=agent, reason=reason, by=who(), revision=change.revision
+    )
+    _wait(state_dir, change.revision, no_wait, f"resumed {agent}")
+
+
+# ---------------------------------------------------------------- status
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@RULES_OPT
+@STATE_OPT
+def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
+    """Agents, whether each is killed, why, by whom and since when.
+
+    Example: axme-fw status --json
+    """
+    rules = load_rules(rules_dir)
+    enforced = killswitch.read_enforced(state_dir)
+    names = sorted(
+        set(rules.agents) | {k.agent for k in rules.kills if not any(c in k.agent for c in "*?[")}
+    )
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        kill = rules.kill_for(name)
+        state = "active" if kill is None else ("paused" if kill.mode == "park" else "killed")
+        rows.append(
+            {
+                "agent": name,
+                "state": state,
+                "configured": name in rules.agents,
+                "reason": kill.reason if kill else None,
+                "by": kill.by if kill else None,
+                "since": kill.at if kill else None,
+                "kill_pattern": kill.agent if kill else None,
+            }
+        )
+    proxy = (
+        {
+            "revision": enforced.get("revision"),
+            "pid": enforced.get("pid"),
+            "listen": enforced.get("listen"),
+            "in_sync": enforced.get("revision") == rules.kill_revision,
+        }
+        if enforced
+        else None
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"agents": rows, "proxy": proxy, "kill_revision": rules.kill_revision}, indent=2
+            )
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="axme-fw agents")
+    for col in ("agent", "state", "reason", "by", "since"):
+        table.add_column(col)
+    style = {"active": "green", "killed": "bold red", "paused": "yellow"}
+    for r in rows:
+        table.add_row(
+            r["agent"],
+            f"[{style[r['state']]}]{r['state']}[/]",
+            r["reason"] or "",
+            r["by"] or "",
+            r["since"] or "",
+        )
+    console = Console()
+    console.print(table)
+    if proxy is None:
+        console.print("no proxy has reported from this state directory")
+    elif not proxy["in_sync"]:
+        console.print(
+            f"proxy (pid {proxy['pid']}) enforces kill revision {proxy['revision']}, "
+            f"the file is at {rules.kill_revision}: is it running?"
+        )
+
+
+# ---------------------------------------------------------------- audit
+
+
+@main.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.option("--agent", help="Only records about this agent.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@STATE_OPT
+@click.pass_context
+def audit(ctx: click.Context, agent: str | None, as_json: bool, state_dir: Path) -> None:
+    """Read the audit log; `audit verify` checks its hash chain.
+
+    Example: axme-fw audit --agent deployer
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    for rec in audit_mod.read(state_dir / audit_mod.AUDIT_FILE):
+        if agent is not None and rec.get("agent") != agent:
+            continue
+        if as_json:
+            click.echo(json.dumps(rec))
+            continue
+        rest = {k: v for k, v in rec.items() if k not in ("seq", "ts", "event", "prev", "agent")}
+        who_ = f" {rec['agent']}" if rec.get("agent") else ""
+        details = " ".join(f"{k}={v}" for k, v in rest.items() if v not in (None, "", []))
+        click.echo(f"{rec.get('ts', '?')}  {rec.get('event', '?'):<16}{who_}  {details}")
+
+
+@audit.command(context_settings=CONTEXT)
+@STATE_OPT
+def verify(state_dir: Path) -> None:
+    """Check the hash chain; exit 1 naming the first bad line.
+
+    Example: axme-fw audit verify --state state
+    """
+    result = audit_mod.verify(state_dir / audit_mod.AUDIT_FILE)
+    if not result.ok:
+        fail(result.problem)
+    note = f" ({result.problem})" if result.problem else ""
+    click.echo(f"audit log intact: {result.lines} records{note}")
+
+
+# ---------------------------------------------------------------- rules, agents, env
+
+
+@main.group(context_settings=CONTEXT)
+def rules() -> None:
+    """Work with the rules directory."""
+
+
+@rules.command(context_settings=CONTEXT)
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+@RULES_OPT
+def check(directory: Path | None, rules_dir: Path) -> None:
+    """Validate every rules file; print every problem as FILE:LINE: key: problem.
+
+    Example: axme-fw rules check rules/
+    """
+    target = directory or rules_dir
+    try:
+        rs = Loader(target).load()
+    except RulesError as exc:
+        for message in exc.messages:
+            click.echo(message, err=True)
+        sys.exit(1)
+    click.echo(
+        f"{target}: ok ({len(rs.agents)} agents, {len(rs.actions)} actions, {len(rs.kills)} kills)"
+    )
+
+
+@main.group(context_settings=CONTEXT)
+def agent() -> None:
+    """Manage agents."""
+
+
+@agent.command(context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--allow", multiple=True, help="Action names the agent may use (repeatable).")
+@click.option("--print-only", is_flag=True, help="Print the YAML to paste instead of writing it.")
+@RULES_OPT
+def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) -> None:
+    """Create agent NAME: print its token once, record only its hash.
+
+    The entry goes to rules/agents.generated.yaml (machine-written, never a
+    hand-edited file), or to stdout with --print-only.
+
+    Example: axme-fw agent add deployer --allow llm --allow deploy
+    """
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        fail(f"agent name {name!r}: use letters, digits, '.', '_' and '-'", 2)
+    current = load_rules(rules_dir) if rules_dir.is_dir() else None
+    if current is not None and name in current.agents:
+        fail(f"agent {name!r} already exists ({current.agents[name].where})")
+    for a in allow:
+        if current is None or (a != "*" and a not in current.actions):
+            fail(f"--allow {a}: no such action in {rules_dir}", 2)
+    token = secrets.token_urlsafe(32)
+    entry = {"token_sha256": token_digest(token), "allow": list(allow)}
+    if print_only:
+        click.echo(yaml.safe_dump({"agents": {name: entry}}, sort_keys=False), nl=False)
+    else:
+        from filelock import FileLock
+
+        path = rules_dir / GENERATED_AGENTS_FILE
+        rules_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(rules_dir / f".{GENERATED_AGENTS_FILE}.lock")):
+            data = yaml.safe_load(path.read_text()) if path.exists() else None
+            agents = (data or {}).get("agents") or {}
+            agents[name] = entry
+            header = (
+                "# Written by `axme-fw agent add`; move entries to your own files to edit them.\n"
+            )
+            atomic_write(path, header + yaml.safe_dump({"agents": agents}, sort_keys=False))
+        click.echo(f"added agent {name} to {path}", err=True)
+    click.echo(f"token (shown once, store it as a secret): {token}", err=True)
+    if not print_only:
+        click.echo(token)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("agent_name", metavar="AGENT")
+@click.option(
+    "--token",
+    envvar="AXME_FW_TOKEN",
+    default="$AXME_FW_TOKEN",
+    show_default=True,
+    help="The agent's token (or AXME_FW_TOKEN); by default a reference to that variable.",
+)
+@click.option(
+    "--proxy", default="127.0.0.1:8080", show_default=True, help="host:port of the proxy."
+)
+@STATE_OPT
+def env(agent_name: str, token: str, proxy: str, state_dir: Path) -> None:
+    """Print the export lines that point an agent's process at the proxy.
+
+    Example: eval "$(AXME_FW_TOKEN=... axme-fw env deployer)"
+    """
+    ca = state_dir.resolve() / "mitmproxy-ca-cert.pem"
+    url = f"http://{agent_name}:{token}@{proxy}"
+    lines = {
+        "HTTP_PROXY": url,
+        "HTTPS_PROXY": url,
+        "http_proxy": url,
+        "https_proxy": url,
+        "NO_PROXY": "localhost,127.0.0.1,::1",
+        "no_proxy": "localhost,127.0.0.1,::1",
+        "SSL_CERT_FILE": str(ca),
+        "REQUESTS_CA_BUNDLE": str(ca),
+        "NODE_EXTRA_CA_CERTS": str(ca),
+        "NODE_USE_ENV_PROXY": "1",
+    }
+    for key, value in lines.items():
+        quote = '"' if value.startswith("http") and "$" in value else "'"
+        click.echo(f"export {key}={quote}{value}{quote}")
+
+
+def _unused() -> None:  # pragma: no cover - keep the import used for type checkers
+    _ = KILL_FILE

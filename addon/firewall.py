@@ -1,0 +1,497 @@
+"""The mitmproxy addon: identity, decisions, kill, park, cut. The only module importing mitmproxy.
+
+Load it with ``axme-fw run`` or ``mitmdump -s addon/firewall.py --set axme_rules=rules``.
+
+Failing closed: mitmproxy logs an exception raised in a hook and then *forwards the
+flow*. Every hook that decides is wrapped by :func:`_fail_closed`, which turns any
+exception into a 403 ``internal_error`` refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import ctx, http, tcp
+from mitmproxy.connection import Client
+
+# Absolute imports: `mitmdump -s addon/firewall.py` loads this file as a top-level
+# script, where relative imports fail; the installed package serves both ways.
+from axme_fw import audit as audit_mod
+from axme_fw import killswitch
+from axme_fw.policy import Decision, Facts, Verdict, decide
+from axme_fw.rules import EMPTY, Kill, Loader, RulesError, Ruleset, atomic_write
+from axme_fw.watch import RulesWatcher
+
+log = logging.getLogger(__name__)
+
+DECISION_HEADER = "X-Axme-Fw-Decision"
+INSTANCE_HEADER = "X-Agent-Instance"
+META_AGENT = "axme_fw.agent"
+
+
+def refusal(
+    status: int,
+    reason: str,
+    agent: str | None,
+    detail: str = "",
+    kill: Kill | None = None,
+    extra_headers: dict[str, str] | None = None,
+) -> http.Response:
+    """The JSON refusal every client sees: ``{"error", "agent", "reason", "by", "at"}``."""
+    body = {
+        "error": reason,
+        "agent": agent,
+        "reason": kill.reason if kill is not None and not detail else detail,
+        "by": kill.by if kill is not None else "axme-fw",
+        "at": kill.at if kill is not None else audit_mod.now_iso(),
+    }
+    headers = {"Content-Type": "application/json", DECISION_HEADER: reason}
+    if status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="axme-fw"'
+    headers.update(extra_headers or {})
+    return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
+
+
+def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
+    """Refuse the flow if the hook raises: never let mitmproxy forward it."""
+
+    @functools.wraps(hook)
+    def wrapper(self: Firewall, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception:
+            log.exception("axme-fw: %s failed; refusing the flow", hook.__name__)
+            try:
+                if flow.intercepted:
+                    flow.resume()
+                flow.response = refusal(403, "internal_error", None, "the firewall failed closed")
+            except Exception:  # pragma: no cover - last resort
+                flow.kill()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_proxy_auth(value: str) -> tuple[str, str] | None:
+    """``Basic base64(user:pass)`` → ``(user, pass)``; None when absent or malformed."""
+    scheme, _, encoded = value.partition(" ")
+    if scheme.lower() != "basic" or not encoded:
+        return None
+    try:
+        user, sep, password = (
+            base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
+        )
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return (user, password) if sep and user else None
+
+
+class Firewall:
+    name = "axme_fw"
+
+    def __init__(self) -> None:
+        self.rules: Ruleset = EMPTY
+        self.loader: Loader | None = None
+        self.state_dir: Path | None = None
+        self.audit: audit_mod.AuditWriter | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.watcher: Any = None
+        # Credentials remembered per client connection after a CONNECT (requests inside
+        # the tunnel carry none of their own).
+        self.tunnel_auth: dict[str, tuple[str, str]] = {}
+        self.conn_agent: dict[str, str] = {}  # client connection id → agent
+        self.live: dict[str, set[str]] = {}  # agent → client ids with work in progress
+        self.inflight: dict[str, int] = {}  # client id → flows in progress on it
+        self.passthrough: set[str] = set()  # CONNECT tunnels with no request seen inside (yet)
+        self.parked: dict[str, deque[http.HTTPFlow]] = {}
+        self._reloading = False
+        self._reload_again = False
+        self._park_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def load(self, loader: Any) -> None:
+        loader.add_option("axme_rules", str, "rules", "axme-fw: the rules directory")
+        loader.add_option("axme_state", str, "state", "axme-fw: the state directory")
+
+    def configure(self, updated: set[str]) -> None:
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Eager connects upstream before our hooks run: a refused flow would touch upstream.
+            ctx.options.update(connection_strategy="lazy")
+        if "axme_rules" in updated or self.loader is None:
+            self.loader = Loader(Path(ctx.options.axme_rules))
+            try:
+                rules = self.loader.load()
+            except RulesError as exc:
+                # At start-up there are no last good rules: refuse to start (fail closed).
+                raise ValueError("axme-fw: invalid rules:\n" + str(exc)) from None
+            self._install(rules, initial=True)
+        if "axme_state" in updated or self.state_dir is None:
+            self.state_dir = Path(ctx.options.axme_state)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            if self.audit is not None:
+                self.audit.close()
+            self.audit = audit_mod.AuditWriter(self.state_dir)
+
+    def running(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+        if self.loader is not None:
+            self.watcher = RulesWatcher(self.loader.directory, self.loop, self.reload)
+            self.watcher.start()
+        self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
+        self._write_enforced()
+
+    def done(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        for agent in list(self.parked):
+            self._answer_parked(agent, 503, "proxy_shutdown", "the proxy is shutting down")
+        self._audit("proxy.stopped", pid=os.getpid())
+        if self.audit is not None:
+            self.audit.close()
+
+    # ------------------------------------------------------------ rules
+
+    def reload(self) -> None:
+        """Re-read the rules off the loop; swap on the loop; keep the old ones if invalid."""
+        if self._reloading:
+            self._reload_again = True
+            return
+        assert self.loop is not None and self.loader is not None
+        self._reloading = True
+        started = time.monotonic()
+        future = self.loop.run_in_executor(None, self.loader.load)
+        future.add_done_callback(functools.partial(self._reloaded, started))
+
+    def _reloaded(self, started: float, future: asyncio.Future[Ruleset]) -> None:
+        self._reloading = False
+        try:
+            rules = future.result()
+        except RulesError as exc:
+            log.error("axme-fw: rules rejected, keeping the last good rules:\n%s", exc)
+            self._audit("rules.rejected", errors=exc.messages[:50], kept=self.rules.digest)
+        except Exception as exc:  # unexpected: keep the last good rules, say so
+            log.exception("axme-fw: rules reload failed; keeping the last good rules")
+            self._audit("rules.rejected", errors=[repr(exc)], kept=self.rules.digest)
+        else:
+            if rules.digest != self.rules.digest:
+                self._install(rules)
+                ms = round((time.monotonic() - started) * 1000, 2)
+                self._audit(
+                    "rules.reloaded", rules=rules.digest, revision=rules.kill_revision, ms=ms
+                )
+                self._write_enforced()
+        if self._reload_again:
+            self._reload_again = False
+            self.reload()
+
+    def _install(self, rules: Ruleset, initial: bool = False) -> None:
+        old, self.rules = self.rules, rules
+        timeout = rules.defaults.park_timeout
+        if ctx.options.tcp_timeout < timeout + 60:
+            # mitmproxy closes idle connections after tcp_timeout: parked ones included.
+            ctx.options.update(tcp_timeout=int(timeout + 60))
+        if initial or old.kills == rules.kills:
+            return
+        for agent in list(self.live):
+            kill = rules.kill_for(agent)
+            if kill is not None and kill.mode == "block" and old.kill_for(agent) != kill:
+                cut = self.cut(agent)
+                self._audit(
+                    "kill.enforced",
+                    agent=agent,
+                    pattern=kill.agent,
+                    cut=cut,
+                    revision=rules.kill_revision,
+                )
+        for agent in list(self.parked):
+            kill = rules.kill_for(agent)
+            if kill is None:
+                self._release(agent)
+            elif kill.mode == "block":
+                self._answer_parked(agent, 403, "agent_killed", kill.reason, kill)
+
+    def _write_enforced(self) -> None:
+        if self.state_dir is None or self.loop is None:
+            return
+        addrs = []
+        try:
+            ps = ctx.master.addons.get("proxyserver")
+            addrs = [f"{h}:{p}" for h, p, *_ in ps.listen_addrs()]
+        except Exception:  # the test harness has no proxyserver
+            pass
+        data = {
+            "revision": self.rules.kill_revision,
+            "rules": self.rules.digest,
+            "pid": os.getpid(),
+            "listen": addrs,
+            "at": audit_mod.now_iso(),
+        }
+        path = self.state_dir / killswitch.ENFORCED_FILE
+        self.loop.run_in_executor(None, atomic_write, path, json.dumps(data))
+
+    # ------------------------------------------------------------ decisions
+
+    def _facts(self, flow: http.HTTPFlow) -> Facts:
+        req = flow.request
+        header = req.headers.pop("Proxy-Authorization", None)
+        creds = parse_proxy_auth(header) if header else None
+        if creds is None:
+            creds = self.tunnel_auth.get(flow.client_conn.id)
+        user, token = creds if creds is not None else (None, None)
+        host = req.host  # the destination, also for CONNECT
+        is_connect = req.method == "CONNECT"
+        return Facts(user, token, host, req.port, req.method, "" if is_connect else req.path)
+
+    def _audit(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.write(event, **fields)
+
+    def _audit_decision(self, flow: http.HTTPFlow, d: Decision, would: bool = False) -> None:
+        policy = self.rules.defaults.audit_decisions
+        if policy == "none" or (policy == "denied" and not d.refused):
+            return
+        req = flow.request
+        self._audit(
+            "decision",
+            agent=d.agent,
+            instance=flow.client_conn.peername[0] if flow.client_conn.peername else None,
+            verdict=("would_" + d.verdict.value) if would else d.verdict.value,
+            reason=d.reason,
+            detail=d.detail,
+            method=req.method,
+            host=req.host,
+            path=req.path.split("?", 1)[0] if req.method != "CONNECT" else "",
+        )
+
+    def _apply(self, flow: http.HTTPFlow, d: Decision) -> bool:
+        """Apply a decision to the flow; True when the flow goes on upstream."""
+        report = self.rules.defaults.mode == "report" and d.reason != "agent_killed"
+        if d.refused and report and d.verdict is not Verdict.AUTH:
+            self._audit_decision(flow, d, would=True)
+            log.info("axme-fw: would %s %s (%s): %s", d.verdict, d.agent, d.reason, d.detail)
+            return True
+        self._audit_decision(flow, d)
+        if d.verdict is Verdict.FORWARD:
+            return True
+        if d.verdict is Verdict.AUTH:
+            flow.response = refusal(407, d.reason, None, d.detail)
+        elif d.verdict is Verdict.PARK and flow.request.method != "CONNECT":
+            assert d.agent is not None
+            self._park(flow, d.agent)
+        else:  # deny, and park at CONNECT time: the tunnel opens, requests inside park
+            if d.verdict is Verdict.PARK:
+                return True
+            flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
+        return False
+
+    @_fail_closed
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        facts = self._facts(flow)
+        d = decide(self.rules, facts)
+        cid = flow.client_conn.id
+        if facts.user is not None and facts.token is not None:
+            self.tunnel_auth[cid] = (facts.user, facts.token)
+        if self._apply(flow, d) and d.agent is not None:
+            self._track(cid, d.agent)
+            self.passthrough.add(cid)
+
+    @_fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # answered by another addon already
+            return
+        flow.request.headers.pop(INSTANCE_HEADER, None)
+        facts = self._facts(flow)
+        d = decide(self.rules, facts)
+        if d.agent is not None:
+            flow.metadata[META_AGENT] = d.agent
+        cid = flow.client_conn.id
+        self.passthrough.discard(cid)
+        if self._apply(flow, d) and d.agent is not None:
+            self._track(cid, d.agent)
+            self.inflight[cid] = self.inflight.get(cid, 0) + 1
+            flow.metadata["axme_fw.inflight"] = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            resp = flow.response
+            if resp is not None and resp.headers.get("content-type", "").startswith(
+                "text/event-stream"
+            ):
+                resp.stream = True  # never buffer a stream: pass each chunk on at once
+        except Exception:  # streaming is an optimisation; never fatal
+            log.exception("axme-fw: responseheaders failed")
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self._finished(flow)
+
+    def _finished(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None and flow.websocket.timestamp_end is None:
+            return  # the upgrade response: the websocket lives on until websocket_end
+        if flow.metadata.pop("axme_fw.inflight", False):
+            cid = flow.client_conn.id
+            n = self.inflight.get(cid, 1) - 1
+            if n > 0:
+                self.inflight[cid] = n
+            else:
+                self.inflight.pop(cid, None)
+
+    def tcp_start(self, flow: tcp.TCPFlow) -> None:
+        self.passthrough.add(flow.client_conn.id)
+
+    def client_disconnected(self, client: Client) -> None:
+        cid = client.id
+        self.tunnel_auth.pop(cid, None)
+        self.inflight.pop(cid, None)
+        self.passthrough.discard(cid)
+        agent = self.conn_agent.pop(cid, None)
+        if agent is not None:
+            conns = self.live.get(agent)
+            if conns is not None:
+                conns.discard(cid)
+                if not conns:
+                    del self.live[agent]
+        for queue in self.parked.values():
+            for flow in [f for f in queue if f.client_conn.id == cid]:
+                queue.remove(flow)  # forget it: it must never reach upstream later
+                flow.kill()
+
+    def _track(self, cid: str, agent: str) -> None:
+        if self.conn_agent.get(cid) != agent:
+            self.conn_agent[cid] = agent
+            self.live.setdefault(agent, set()).add(cid)
+
+    # ------------------------------------------------------------ cutting in-flight work
+
+    def cut(self, agent: str) -> int:
+        """Close every client connection of ``agent`` with work in progress; returns how many.
+
+        ``flow.kill()`` does not stop a flow in transit (mitmproxy #4711), so this
+        cancels the connection handler, as mitmproxy's own idle timeout does. Idle
+        keep-alive connections are left open: their next request is refused with 403.
+        """
+        targets = {
+            cid
+            for cid in self.live.get(agent, ())
+            if cid in self.inflight or cid in self.passthrough
+        }
+        if not targets:
+            return 0
+        proxyserver = ctx.master.addons.get("proxyserver")
+        cut = 0
+        for handler in list(getattr(proxyserver, "connections", {}).values()):
+            if handler.client.id in targets:
+                io = handler.transports.get(handler.client)
+                if io is not None and io.handler is not None:
+                    io.handler.cancel("axme-fw: agent killed")
+                    cut += 1
+        return cut
+
+    # ------------------------------------------------------------ parking
+
+    def _park(self, flow: http.HTTPFlow, agent: str) -> None:
+        queue = self.parked.setdefault(agent, deque())
+        if len(queue) >= self.rules.defaults.park_max_per_agent:
+            flow.response = refusal(503, "park_full", agent, "too many parked requests")
+            return
+        flow.metadata["axme_fw.parked_at"] = time.monotonic()
+        flow.intercept()
+        queue.append(flow)
+        self._schedule_park_timer()
+
+    def _release(self, agent: str) -> None:
+        queue = self.parked.pop(agent, deque())
+        for flow in queue:  # in arrival order
+            flow.resume()
+        if queue:
+            self._audit("park.released", agent=agent, flows=len(queue))
+
+    def _answer_parked(
+        self, agent: str, status: int, reason: str, detail: str, kill: Kill | None = None
+    ) -> None:
+        queue = self.parked.pop(agent, deque())
+        for flow in queue:
+            flow.response = refusal(status, reason, agent, detail, kill)
+            flow.resume()
+        if queue:
+            self._audit(
+                "park.answered", agent=agent, flows=len(queue), status=status, reason=reason
+            )
+
+    def _schedule_park_timer(self) -> None:
+        if self._park_timer is None and self.loop is not None:
+            self._park_timer = self.loop.call_later(0.25, self._expire_parked)
+
+    def _expire_parked(self) -> None:
+        self._park_timer = None
+        limit = time.monotonic() - self.rules.defaults.park_timeout
+        for agent, queue in list(self.parked.items()):
+            while queue and queue[0].metadata.get("axme_fw.parked_at", 0) <= limit:
+                flow = queue.popleft()
+                flow.response = refusal(503, "park_timeout", agent, "parked too long")
+                flow.resume()
+            if not queue:
+                del self.parked[agent]
+        if self.parked:
+            self._schedule_park_timer()
+
+
+# ---------------------------------------------------------------- running a proxy
+
+
+def serve(
+    rules: Path, state: Path, host: str, port: int, extra: dict[str, Any] | None = None
+) -> int:
+    """Run mitmproxy with the addon until SIGINT/SIGTERM; returns the exit code."""
+    import signal
+
+    from mitmproxy import options
+    from mitmproxy.tools.dump import DumpMaster
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.INFO)
+        opts = options.Options()
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master.addons.add(Firewall())
+        try:
+            opts.update(
+                listen_host=host,
+                listen_port=port,
+                confdir=str(state),
+                connection_strategy="lazy",
+                axme_state=str(state),
+                axme_rules=str(rules),
+                **(extra or {}),
+            )
+        except Exception as exc:  # OptionsError wraps our rules errors
+            print(str(exc).removeprefix("Error in axme_fw: ").strip(), file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        await master.run()
+        return 0
+
+    import sys
+
+    return asyncio.run(main())
+
+
+addons = [Firewall()]
