@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -287,12 +288,10 @@ class Firewall:
             return True
         if d.verdict is Verdict.AUTH:
             flow.response = refusal(407, d.reason, None, d.detail)
-        elif d.verdict is Verdict.PARK and flow.request.method != "CONNECT":
+        elif d.verdict is Verdict.PARK:  # a passthrough CONNECT parks the tunnel itself
             assert d.agent is not None
             self._park(flow, d.agent)
-        else:  # deny, and park at CONNECT time: the tunnel opens, requests inside park
-            if d.verdict is Verdict.PARK:
-                return True
+        else:
             flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
         return False
 
@@ -303,9 +302,27 @@ class Firewall:
         cid = flow.client_conn.id
         if facts.user is not None and facts.token is not None:
             self.tunnel_auth[cid] = (facts.user, facts.token)
+        if d.reason == "agent_killed" and not d.inbound and not self._passes_through(facts):
+            # The agent is identified and the tunnel will be intercepted: let it open, so
+            # every request inside gets the JSON 403 (a 403 to CONNECT loses its body and
+            # SDKs retry it). With connection_strategy=lazy nothing reaches upstream.
+            self._audit_decision(flow, d)
+            assert d.agent is not None
+            self._track(cid, d.agent)
+            return
         if self._apply(flow, d) and d.agent is not None:
             self._track(cid, d.agent)
             self.passthrough.add(cid)
+
+    def _passes_through(self, facts: Facts) -> bool:
+        """Whether mitmproxy will tunnel this CONNECT without intercepting it (err towards yes)."""
+        opts = ctx.options
+        addr = f"{facts.host}:{facts.port}"
+        if opts.allow_hosts and not any(
+            re.search(x, addr, re.IGNORECASE) for x in opts.allow_hosts
+        ):
+            return True
+        return any(re.search(x, addr, re.IGNORECASE) for x in (*opts.ignore_hosts, *opts.tcp_hosts))
 
     @_fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:

@@ -51,6 +51,7 @@ class Decision:
     detail: str = ""  # for people and the audit log; never contains a credential
     kill: Kill | None = None
     actions: tuple[str, ...] = ()  # the allowed actions this request matches
+    inbound: bool = False  # refused because the destination is a killed agent's address
 
     @property
     def refused(self) -> bool:
@@ -95,7 +96,7 @@ def decide(rules: Ruleset, facts: Facts) -> Decision:
         tkill = rules.kill_for(target)
         if tkill is not None:
             detail = f"destination belongs to killed agent {target!r}"
-            return Decision(Verdict.DENY, "agent_killed", name, detail, tkill)
+            return Decision(Verdict.DENY, "agent_killed", name, detail, tkill, inbound=True)
 
     if agent is None:  # an allowed unknown: no allow list applies
         return Decision(Verdict.FORWARD, "ok", name)
