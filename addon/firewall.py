@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DECISION_HEADER = "X-Axme-Fw-Decision"
 INSTANCE_HEADER = "X-Agent-Instance"
 META_AGENT = "axme_fw.agent"
+RELEASE_STEP_TIMEOUT = 1.0
 
 
 def refusal(
@@ -83,6 +84,48 @@ def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _write_to_client(handler: Any, flow: http.HTTPFlow, response: http.Response) -> None:
+    """Answer an HTTP/1 request that is waiting on upstream, before its connection is cut.
+
+    mitmproxy has no public way to answer a flow already sent upstream. For HTTP/1 the
+    answer is plain bytes on the client connection: written as is, or through the
+    client-side TLS session for an intercepted tunnel. Internal API (checked against
+    mitmproxy 12.3 and covered by an e2e test); when anything is off, the caller still
+    cuts the connection, so the fallback is a closed connection, never a forwarded flow.
+    """
+    from mitmproxy.net.http.http1 import assemble_response
+    from mitmproxy.proxy.layers.tls import ClientTLSLayer
+
+    if not flow.request.http_version.startswith("HTTP/1"):
+        return
+    try:
+        writer = handler.transports[handler.client].writer
+        data = assemble_response(response)
+        if not flow.client_conn.tls:
+            writer.write(data)
+            return
+        layer = handler.layer
+        while layer is not None and not (
+            isinstance(layer, ClientTLSLayer) and layer.conn is handler.client
+        ):
+            layer = getattr(layer, "layer", None) or getattr(layer, "child_layer", None)
+        if layer is None or layer.tls is None:
+            return
+        layer.tls.sendall(data)
+        out = bytearray()
+        while True:
+            try:
+                chunk = layer.tls.bio_read(65535)
+            except Exception:  # SSL.WantReadError: nothing more buffered
+                break
+            if not chunk:
+                break
+            out.extend(chunk)
+        writer.write(bytes(out))
+    except Exception:
+        log.debug("axme-fw: could not answer an in-flight flow before cutting it", exc_info=True)
+
+
 def parse_proxy_auth(value: str) -> tuple[str, str] | None:
     """``Basic base64(user:pass)`` → ``(user, pass)``; None when absent or malformed."""
     scheme, _, encoded = value.partition(" ")
@@ -112,9 +155,11 @@ class Firewall:
         self.tunnel_auth: dict[str, tuple[str, str]] = {}
         self.conn_agent: dict[str, str] = {}  # client connection id → agent
         self.live: dict[str, set[str]] = {}  # agent → client ids with work in progress
-        self.inflight: dict[str, int] = {}  # client id → flows in progress on it
+        self.inflight: dict[str, set[http.HTTPFlow]] = {}  # client id → flows in progress
         self.passthrough: set[str] = set()  # CONNECT tunnels with no request seen inside (yet)
-        self.parked: dict[str, deque[http.HTTPFlow]] = {}
+        self.parked: dict[str, deque[http.HTTPFlow]] = {}  # agent → held flows, arrival order
+        self.releasing: dict[str, deque[http.HTTPFlow]] = {}  # agent → flows being released
+        self.awaiting: dict[str, str] = {}  # client id of the flow being released → agent
         self._reloading = False
         self._reload_again = False
         self._park_timer: asyncio.TimerHandle | None = None
@@ -208,7 +253,7 @@ class Firewall:
         for agent in list(self.live):
             kill = rules.kill_for(agent)
             if kill is not None and kill.mode == "block" and old.kill_for(agent) != kill:
-                cut = self.cut(agent)
+                cut = self.cut(agent, kill)
                 self._audit(
                     "kill.enforced",
                     agent=agent,
@@ -337,8 +382,7 @@ class Firewall:
         self.passthrough.discard(cid)
         if self._apply(flow, d) and d.agent is not None:
             self._track(cid, d.agent)
-            self.inflight[cid] = self.inflight.get(cid, 0) + 1
-            flow.metadata["axme_fw.inflight"] = True
+            self.inflight.setdefault(cid, set()).add(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
@@ -354,6 +398,8 @@ class Firewall:
         self._finished(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        if flow.client_conn.id in self.awaiting:
+            self._release_step_done(flow.client_conn.id)
         self._finished(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -362,13 +408,12 @@ class Firewall:
     def _finished(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None and flow.websocket.timestamp_end is None:
             return  # the upgrade response: the websocket lives on until websocket_end
-        if flow.metadata.pop("axme_fw.inflight", False):
-            cid = flow.client_conn.id
-            n = self.inflight.get(cid, 1) - 1
-            if n > 0:
-                self.inflight[cid] = n
-            else:
-                self.inflight.pop(cid, None)
+        cid = flow.client_conn.id
+        flows = self.inflight.get(cid)
+        if flows is not None:
+            flows.discard(flow)
+            if not flows:
+                del self.inflight[cid]
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self.passthrough.add(flow.client_conn.id)
@@ -385,10 +430,14 @@ class Firewall:
                 conns.discard(cid)
                 if not conns:
                     del self.live[agent]
-        for queue in self.parked.values():
-            for flow in [f for f in queue if f.client_conn.id == cid]:
-                queue.remove(flow)  # forget it: it must never reach upstream later
-                flow.kill()
+        for queues in (self.parked, self.releasing):
+            for queue in queues.values():
+                for flow in [f for f in queue if f.client_conn.id == cid]:
+                    queue.remove(flow)  # forget it: it must never reach upstream later
+                    flow.resume()
+                    flow.kill()
+        if cid in self.awaiting:
+            self._release_step_done(cid)
 
     def _track(self, cid: str, agent: str) -> None:
         if self.conn_agent.get(cid) != agent:
@@ -397,12 +446,13 @@ class Firewall:
 
     # ------------------------------------------------------------ cutting in-flight work
 
-    def cut(self, agent: str) -> int:
-        """Close every client connection of ``agent`` with work in progress; returns how many.
+    def cut(self, agent: str, kill: Kill) -> int:
+        """End every client connection of ``agent`` with work in progress; returns how many.
 
         ``flow.kill()`` does not stop a flow in transit (mitmproxy #4711), so this
-        cancels the connection handler, as mitmproxy's own idle timeout does. Idle
-        keep-alive connections are left open: their next request is refused with 403.
+        cancels the connection handler, as mitmproxy's own idle timeout does. A request
+        still waiting for its response is first answered with the JSON 403. Idle
+        keep-alive connections stay open: their next request is refused with 403.
         """
         targets = {
             cid
@@ -414,11 +464,20 @@ class Firewall:
         proxyserver = ctx.master.addons.get("proxyserver")
         cut = 0
         for handler in list(getattr(proxyserver, "connections", {}).values()):
-            if handler.client.id in targets:
-                io = handler.transports.get(handler.client)
-                if io is not None and io.handler is not None:
-                    io.handler.cancel("axme-fw: agent killed")
-                    cut += 1
+            cid = handler.client.id
+            if cid not in targets:
+                continue
+            io = handler.transports.get(handler.client)
+            if io is None or io.handler is None:
+                continue
+            waiting = [f for f in self.inflight.get(cid, ()) if f.response is None]
+            if len(waiting) == 1 and waiting[0].websocket is None:
+                answer = refusal(
+                    403, "agent_killed", agent, kill.reason, kill, {"Connection": "close"}
+                )
+                _write_to_client(handler, waiting[0], answer)
+            io.handler.cancel("axme-fw: agent killed")
+            cut += 1
         return cut
 
     # ------------------------------------------------------------ parking
@@ -434,16 +493,56 @@ class Firewall:
         self._schedule_park_timer()
 
     def _release(self, agent: str) -> None:
+        """Release ``agent``'s parked flows upstream in arrival order.
+
+        Resuming them all at once lets each race on its own new upstream connection
+        (measured: most arrive out of order). So flows go one at a time: the next is
+        resumed once the previous one's upstream connection is up (its request bytes
+        follow at once on the same task), or at once if it reuses an open connection.
+        A flow that never gets that far (error, slow connect) holds the line for at
+        most ``RELEASE_STEP_TIMEOUT``.
+        """
         queue = self.parked.pop(agent, deque())
-        for flow in queue:  # in arrival order
+        if not queue:
+            return
+        self._audit("park.released", agent=agent, flows=len(queue))
+        self.releasing.setdefault(agent, deque()).extend(queue)
+        if agent not in self.awaiting.values():
+            self._release_next(agent)
+
+    def _release_next(self, agent: str) -> None:
+        queue = self.releasing.get(agent)
+        while queue:
+            flow = queue.popleft()
             flow.resume()
-        if queue:
-            self._audit("park.released", agent=agent, flows=len(queue))
+            conn = flow.server_conn
+            if flow.request.method == "CONNECT" or flow.response is not None or conn.connected:
+                continue  # nothing to connect: its bytes go out in this loop iteration
+            cid = flow.client_conn.id
+            self.awaiting[cid] = agent
+            assert self.loop is not None
+            self.loop.call_later(RELEASE_STEP_TIMEOUT, self._release_step_done, cid, agent)
+            return
+        self.releasing.pop(agent, None)
+
+    def _release_step_done(self, cid: str, agent: str | None = None) -> None:
+        """The awaited flow on ``cid`` reached upstream (or failed, or timed out)."""
+        owner = self.awaiting.pop(cid, None)
+        if owner is not None and (agent is None or owner == agent):
+            assert self.loop is not None
+            self.loop.call_soon(self._release_next, owner)
+        elif owner is not None:  # a stale timer for an earlier step: put it back
+            self.awaiting[cid] = owner
+
+    def server_connected(self, data: Any) -> None:
+        if self.awaiting:
+            self._release_step_done(data.client.id)
 
     def _answer_parked(
         self, agent: str, status: int, reason: str, detail: str, kill: Kill | None = None
     ) -> None:
         queue = self.parked.pop(agent, deque())
+        queue.extend(self.releasing.pop(agent, deque()))
         for flow in queue:
             flow.response = refusal(status, reason, agent, detail, kill)
             flow.resume()

@@ -307,3 +307,13 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except ValueError:
                 continue
+
+
+def saw_status(path: Path, status: int) -> bool:
+    """Whether a worker's JSONL output has a request with ``status``."""
+    return any(r.get("status") == status for r in iter_jsonl(path))
+
+
+def first_after(path: Path, t: float) -> dict[str, Any] | None:
+    """A worker's first request that started after wall-clock time ``t``."""
+    return next((r for r in iter_jsonl(path) if r["t0"] > t), None)

@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 import requests
-from rig import (
+
+from tests.rig import (
     AXME_FW,
     Proxy,
     Upstream,
     agents_yaml,
-    iter_jsonl,
+    first_after,
     replace_file,
+    saw_status,
     start_proxy,
     start_upstream,
     upstream_ca,
@@ -210,24 +214,14 @@ def test_kill_reaches_every_instance_and_resume_restores(world, tmp_path: Path) 
     try:
         # Every instance is up and getting 200 before the kill.
         for out, _ in workers:
-            wait_for(
-                lambda o=out: any(r["status"] == 200 for r in iter_jsonl(o)), 20, f"{out.name} 200"
-            )
-        wait_for(lambda: any(r["status"] == 200 for r in iter_jsonl(other_out)), 20, "coder 200")
+            wait_for(partial(saw_status, out, 200), 20, f"{out.name} 200")
+        wait_for(partial(saw_status, other_out, 200), 20, "coder 200")
 
         res = proxy.cli("kill", DEPLOYER, "--reason", "runaway deploys")
         assert "enforced by the proxy" in res.stdout
-        import time
-
         killed_at = time.time()
-
-        def first_after(out: Path, t: float) -> dict | None:
-            return next((r for r in iter_jsonl(out) if r["t0"] > t), None)
-
         for out, _ in workers:
-            rec = wait_for(
-                lambda o=out: first_after(o, killed_at), 10, f"{out.name} request after kill"
-            )
+            rec = wait_for(partial(first_after, out, killed_at), 10, f"{out.name} after kill")
             assert rec["status"] == 403, rec
             assert rec["decision"] == "agent_killed"
             assert rec["body"]["error"] == "agent_killed"
@@ -240,7 +234,7 @@ def test_kill_reaches_every_instance_and_resume_restores(world, tmp_path: Path) 
         proxy.cli("resume", DEPLOYER, "--reason", "fixed")
         resumed_at = time.time()
         for out, _ in workers:
-            rec = wait_for(lambda o=out: first_after(o, resumed_at), 10, f"{out.name} after resume")
+            rec = wait_for(partial(first_after, out, resumed_at), 10, f"{out.name} after resume")
             assert rec["status"] == 200, rec
     finally:
         stop.touch()

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import taddons, tflow
-from rig import agents_yaml
 
 from axme_fw import firewall
 from axme_fw.firewall import Firewall, parse_proxy_auth
+from tests.rig import agents_yaml
 
 BASE = """\
 version: 1
