@@ -8,7 +8,6 @@ bumps ``revision``; the running proxy records the revision it enforces in
 from __future__ import annotations
 
 import fnmatch
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from filelock import FileLock
 
 from .audit import now_iso
 from .rules import KILL_FILE, atomic_write
+from .state import read_json
 
 ENFORCED_FILE = "enforced.json"
 
@@ -55,9 +55,29 @@ def _read(path: Path) -> tuple[int, list[dict[str, Any]]]:
         return 0, []
     if not isinstance(data, dict) or not isinstance(data.get("kills", []), list):
         raise KillFileError(f"{path}:1: kills: expected a list of kill entries")
-    kills = [k for k in data.get("kills") or [] if isinstance(k, dict)]
+    kills = data.get("kills") or []
+    for i, k in enumerate(kills):
+        # Refuse, never drop: rewriting without a hand-made entry would resume that agent.
+        if not isinstance(k, dict) or "agent" not in k:
+            line = _entry_line(text, i)
+            raise KillFileError(
+                f"{path}:{line}: kills[{i}]: expected a mapping with 'agent', got {k!r}"
+            )
     revision = data.get("revision", 0)
-    return revision if isinstance(revision, int) else 0, kills
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 0:
+        # A reset revision would let the CLI mistake an old acknowledgement for its own.
+        raise KillFileError(f"{path}:1: revision: expected a whole number, got {revision!r}")
+    return revision, kills
+
+
+def _entry_line(text: str, index: int) -> int:
+    """The line of ``kills[index]`` in ``text`` (1 if it cannot be found)."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if isinstance(root, yaml.MappingNode):
+        for k, v in root.value:
+            if k.value == "kills" and isinstance(v, yaml.SequenceNode) and index < len(v.value):
+                return int(v.value[index].start_mark.line) + 1
+    return 1
 
 
 def update(
@@ -100,11 +120,7 @@ def covering(kills: list[dict[str, Any]], agent: str) -> list[str]:
 
 
 def read_enforced(state_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((state_dir / ENFORCED_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json(state_dir / ENFORCED_FILE)
 
 
 def wait_enforced(state_dir: Path, revision: int, timeout: float) -> dict[str, Any] | None:

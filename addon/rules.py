@@ -183,8 +183,9 @@ class _FilePart:
     """What one file contributes, before merging; ``errors`` non-empty means invalid."""
 
     errors: list[str]
-    defaults: dict[str, tuple[object, str]] = field(default_factory=dict)
+    defaults: dict[str, tuple[object, str, str]] = field(default_factory=dict)  # value, where, key
     actions: dict[str, tuple[Action, str]] = field(default_factory=dict)
+    invalid_actions: set[str] = field(default_factory=set)  # defined, but already reported
     agents: dict[str, tuple[Agent, yaml.Node, str]] = field(default_factory=dict)
     kills: list[Kill] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
@@ -211,7 +212,8 @@ def parse_file(path: Path, text: str, shown: str) -> _FilePart:
     for name, _knode, value in y.mapping(root, "", errors, _TOP):
         if name == "version":
             if not (isinstance(value, yaml.ScalarNode) and value.value == "1"):
-                errors.add(value, "version", f"unsupported version {value.value!r} (expected 1)")
+                shown_v = repr(value.value) if isinstance(value, yaml.ScalarNode) else y.kind(value)
+                errors.add(value, "version", f"unsupported version {shown_v} (expected 1)")
         elif name == "revision":
             rev = y.number(value, "revision", errors, positive=False)
             part.kill_revision = int(rev) if rev is not None else 0
@@ -222,6 +224,8 @@ def parse_file(path: Path, text: str, shown: str) -> _FilePart:
                 action = _parse_action(aname, av, errors)
                 if action is not None:
                     part.actions[aname] = (action, f"{shown}:{ak.start_mark.line + 1}")
+                else:
+                    part.invalid_actions.add(aname)
         elif name == "agents":
             for gname, gk, gv in y.mapping(value, "agents", errors):
                 agent = _parse_agent(gname, gv, errors, f"{shown}:{gk.start_mark.line + 1}")
@@ -241,36 +245,36 @@ def parse_file(path: Path, text: str, shown: str) -> _FilePart:
 
 
 def _parse_defaults(node: yaml.Node, errors: y.Errors, part: _FilePart, shown: str) -> None:
-    def put(key: str, value: object, n: yaml.Node) -> None:
-        part.defaults[key] = (value, f"{shown}:{n.start_mark.line + 1}")
+    def put(key: str, value: object, n: yaml.Node, shown_key: str) -> None:
+        part.defaults[key] = (value, f"{shown}:{n.start_mark.line + 1}", shown_key)
 
     for name, _k, v in y.mapping(node, "defaults", errors, _DEFAULTS):
         key = f"defaults.{name}"
         if name == "unknown_agents":
             if (s := y.choice(v, key, errors, ("deny", "allow"))) is not None:
-                put(name, s, v)
+                put(name, s, v, key)
         elif name == "mode":
             if (s := y.choice(v, key, errors, ("enforce", "report"))) is not None:
-                put(name, s, v)
+                put(name, s, v, key)
         elif name == "park":
             for pname, _pk, pv in y.mapping(
                 v, key, errors, frozenset({"timeout", "max_per_agent"})
             ):
                 if pname == "timeout" and (d := y.duration(pv, f"{key}.timeout", errors)):
-                    put("park_timeout", d, pv)
+                    put("park_timeout", d, pv, f"{key}.timeout")
                 elif pname == "max_per_agent":
                     n = y.number(pv, f"{key}.max_per_agent", errors)
                     if n is not None:
-                        put("park_max_per_agent", int(n), pv)
+                        put("park_max_per_agent", int(n), pv, f"{key}.max_per_agent")
         elif name == "audit":
             for aname, _ak, av in y.mapping(v, key, errors, frozenset({"decisions"})):
                 s = y.choice(av, f"{key}.{aname}", errors, ("all", "denied", "none"))
                 if s is not None:
-                    put("audit_decisions", s, av)
+                    put("audit_decisions", s, av, f"{key}.{aname}")
         elif name == "heartbeat":
             for hname, _hk, hv in y.mapping(v, key, errors, frozenset({"stale_after"})):
                 if (d := y.duration(hv, f"{key}.{hname}", errors)) is not None:
-                    put("stale_after", d, hv)
+                    put("stale_after", d, hv, f"{key}.{hname}")
 
 
 def _parse_action(name: str, node: yaml.Node, errors: y.Errors) -> Action | None:
@@ -455,8 +459,9 @@ def load_dir(directory: Path) -> Ruleset:
 
 def merge(parts: list[tuple[str, _FilePart]]) -> Ruleset:
     errors = [e for _, p in parts for e in p.errors]
-    defaults: dict[str, tuple[object, str]] = {}
+    defaults: dict[str, tuple[object, str, str]] = {}
     actions: dict[str, tuple[Action, str]] = {}
+    invalid = {a for _, p in parts for a in p.invalid_actions}
     agents: dict[str, tuple[Agent, yaml.Node, str]] = {}
     kills: list[Kill] = []
     alerts: list[Alert] = []
@@ -464,10 +469,10 @@ def merge(parts: list[tuple[str, _FilePart]]) -> Ruleset:
     digest = hashlib.sha256()
     for shown, part in parts:
         digest.update(shown.encode() + b"\0" + part.digest + b"\0")
-        for key, (value, where) in part.defaults.items():
+        for key, (value, where, shown_key) in part.defaults.items():
             if key in defaults:
-                errors.append(f"{where}: defaults.{key}: already set at {defaults[key][1]}")
-            defaults[key] = (value, where)
+                errors.append(f"{where}: {shown_key}: already set at {defaults[key][1]}")
+            defaults[key] = (value, where, shown_key)
         for name, (action, where) in part.actions.items():
             if name in actions:
                 errors.append(f"{where}: actions.{name}: already defined at {actions[name][1]}")
@@ -479,22 +484,25 @@ def merge(parts: list[tuple[str, _FilePart]]) -> Ruleset:
         kills.extend(part.kills)
         alerts.extend(part.alerts)
         revision = max(revision, part.kill_revision)
-    # Dangling action names, now that every file's actions are known.
-    for name, (agent, _node, where) in agents.items():
+    # Dangling action names, now that every file's actions are known. An action that is
+    # defined but invalid has its own error already; naming it "unknown" would mislead.
+    for name, (agent, node, where) in agents.items():
+        file = where.rsplit(":", 1)[0]
         for a in agent.allow:
-            if a != "*" and a not in actions:
-                errors.append(
-                    f"{where}: agents.{name}.allow: unknown action {a!r}{_known(actions)}"
-                )
+            if a != "*" and a not in actions and a not in invalid:
+                at = _line_of(node, where, file, "allow", a)
+                errors.append(f"{at}: agents.{name}.allow: unknown action {a!r}{_known(actions)}")
         for lim in agent.limits:
-            if lim.key.startswith("actions.") and lim.key[8:] not in actions:
+            aname = lim.key[8:]
+            if lim.key.startswith("actions.") and aname not in actions and aname not in invalid:
+                at = _line_of(node, where, file, "limits", "actions", aname)
                 errors.append(
-                    f"{where}: agents.{name}.limits.{lim.key}: unknown action "
-                    f"{lim.key[8:]!r}{_known(actions)}"
+                    f"{at}: agents.{name}.limits.{lim.key}: unknown action "
+                    f"{aname!r}{_known(actions)}"
                 )
     if errors:
         raise RulesError(errors)
-    d = {k: v for k, (v, _w) in defaults.items()}
+    d = {k: v for k, (v, _w, _k) in defaults.items()}
     return Ruleset(
         defaults=Defaults(**d),  # type: ignore[arg-type]
         actions={k: a for k, (a, _w) in actions.items()},
@@ -504,6 +512,24 @@ def merge(parts: list[tuple[str, _FilePart]]) -> Ruleset:
         kill_revision=revision,
         digest=digest.hexdigest(),
     )
+
+
+def _line_of(node: yaml.Node, fallback: str, file: str, *path: str) -> str:
+    """``FILE:LINE`` of the key (or list item) at ``path`` under ``node``; else ``fallback``."""
+    for i, step in enumerate(path, start=1):
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == step), None)
+            if found is None:
+                return fallback
+            key_node, node = found
+            if i == len(path):
+                return f"{file}:{key_node.start_mark.line + 1}"
+        elif isinstance(node, yaml.SequenceNode):
+            item = next((n for n in node.value if getattr(n, "value", None) == step), None)
+            return f"{file}:{item.start_mark.line + 1}" if item is not None else fallback
+        else:
+            return fallback
+    return fallback
 
 
 def _known(actions: Mapping[str, object]) -> str:

@@ -8,6 +8,7 @@ them all at once.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ try:  # libyaml is ~10x faster on a 10,000-agent file; the pure loader is the fa
 except ImportError:  # pragma: no cover - wheels ship libyaml
     from yaml import SafeLoader as _Loader  # type: ignore[assignment]
 
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -120,7 +122,14 @@ def choice(node: yaml.Node, key: str, errors: Errors, options: tuple[str, ...]) 
 
 def number(node: yaml.Node, key: str, errors: Errors, *, positive: bool = True) -> float | None:
     if isinstance(node, yaml.ScalarNode) and node.tag.endswith((":int", ":float")):
-        value = float(node.value.replace("_", ""))
+        # YAML's own reading (0x10, 0o17, 1_000, 1:30, .inf); float() alone raises on some.
+        if node.tag.endswith(":int"):
+            value = float(_CONSTRUCTOR.construct_yaml_int(node))
+        else:
+            value = float(_CONSTRUCTOR.construct_yaml_float(node))
+        if not math.isfinite(value):
+            errors.add(node, key, f"expected a finite number, got {node.value}")
+            return None
         if positive and not value > 0:
             errors.add(node, key, f"must be greater than 0, got {node.value}")
             return None
