@@ -28,6 +28,7 @@ from .rules import (
     atomic_write,
     token_digest,
 )
+from .state import read_live
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 RULES_OPT = click.option(
@@ -107,18 +108,15 @@ def run(
 
     load_rules(rules_dir)  # a readable error before mitmproxy starts
     state_dir.mkdir(parents=True, exist_ok=True)
-    extra: dict[str, Any] = {}
     for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
+        if "=" not in item:
             fail(f"--set {item!r}: expected OPTION=VALUE", 2)
-        extra[key] = value
     click.echo(
         f"axme-fw: proxy on {listen_host}:{listen_port}, rules {rules_dir}, state {state_dir}"
     )
     click.echo(f"axme-fw: clients must trust {state_dir.resolve() / 'mitmproxy-ca-cert.pem'}")
     sys.stdout.flush()
-    sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, extra))
+    sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, sets))
 
 
 # ---------------------------------------------------------------- kill / pause / resume
@@ -239,6 +237,8 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
     """
     rules = load_rules(rules_dir)
     enforced = killswitch.read_enforced(state_dir)
+    live = read_live(state_dir) or {}
+    parked = live.get("parked") or {}
     names = sorted(
         set(rules.agents) | {k.agent for k in rules.kills if not any(c in k.agent for c in "*?[")}
     )
@@ -255,6 +255,7 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
                 "by": kill.by if kill else None,
                 "since": kill.at if kill else None,
                 "kill_pattern": kill.agent if kill else None,
+                "parked": int(parked.get(name, 0)),
             }
         )
     proxy = (
@@ -278,13 +279,14 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title="axme-fw agents")
-    for col in ("agent", "state", "reason", "by", "since"):
+    for col in ("agent", "state", "parked", "reason", "by", "since"):
         table.add_column(col)
     style = {"active": "green", "killed": "bold red", "paused": "yellow"}
     for r in rows:
         table.add_row(
             r["agent"],
             f"[{style[r['state']]}]{r['state']}[/]",
+            str(r["parked"] or ""),
             r["reason"] or "",
             r["by"] or "",
             r["since"] or "",

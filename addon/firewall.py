@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from axme_fw import audit as audit_mod
 from axme_fw import killswitch
 from axme_fw.policy import Decision, Facts, Verdict, decide
 from axme_fw.rules import EMPTY, Kill, Loader, RulesError, Ruleset, atomic_write
+from axme_fw.state import LIVE_FILE
 from axme_fw.watch import RulesWatcher
 
 log = logging.getLogger(__name__)
@@ -104,11 +105,9 @@ def _write_to_client(handler: Any, flow: http.HTTPFlow, response: http.Response)
         if not flow.client_conn.tls:
             writer.write(data)
             return
-        layer = handler.layer
-        while layer is not None and not (
-            isinstance(layer, ClientTLSLayer) and layer.conn is handler.client
-        ):
-            layer = getattr(layer, "layer", None) or getattr(layer, "child_layer", None)
+        layer = _find_layer(
+            handler.layer, lambda x: isinstance(x, ClientTLSLayer) and x.conn is handler.client
+        )
         if layer is None or layer.tls is None:
             return
         layer.tls.sendall(data)
@@ -123,7 +122,25 @@ def _write_to_client(handler: Any, flow: http.HTTPFlow, response: http.Response)
             out.extend(chunk)
         writer.write(bytes(out))
     except Exception:
-        log.debug("axme-fw: could not answer an in-flight flow before cutting it", exc_info=True)
+        log.warning("axme-fw: could not answer an in-flight flow before cutting it", exc_info=True)
+
+
+def _find_layer(root: Any, match: Callable[[Any], bool]) -> Any:
+    """Search mitmproxy's layer tree (NextLayer.layer, child_layer, HttpLayer streams)."""
+    todo, seen = [root], set()
+    while todo:
+        layer = todo.pop()
+        if layer is None or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        if match(layer):
+            return layer
+        todo += [getattr(layer, "layer", None), getattr(layer, "child_layer", None)]
+        todo += list(getattr(layer, "streams", {}).values())
+        # Some layers (modes.HttpProxy) keep their child only as a bound handler.
+        for name in ("_handle_event", "_handle"):
+            todo.append(getattr(getattr(layer, name, None), "__self__", None))
+    return None
 
 
 def parse_proxy_auth(value: str) -> tuple[str, str] | None:
@@ -163,6 +180,8 @@ class Firewall:
         self._reloading = False
         self._reload_again = False
         self._park_timer: asyncio.TimerHandle | None = None
+        self._live_timer: asyncio.TimerHandle | None = None
+        self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
 
     # ------------------------------------------------------------ lifecycle
 
@@ -198,12 +217,21 @@ class Firewall:
         self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
         self._write_enforced()
 
-    def done(self) -> None:
+    async def done(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
-        for agent in list(self.parked):
+        # Parked flows are not answered for us: answer 503 (never forward, never hang),
+        # then give their connections a moment to send it before the loop stops.
+        held = (*self.parked.values(), *self.releasing.values())
+        self._closing = {f.client_conn.id for q in held for f in q}
+        for agent in {*self.parked, *self.releasing}:
             self._answer_parked(agent, 503, "proxy_shutdown", "the proxy is shutting down")
+        deadline = time.monotonic() + 3.0
+        while self._closing and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self._audit("proxy.stopped", pid=os.getpid())
+        if self.state_dir is not None:
+            (self.state_dir / LIVE_FILE).unlink(missing_ok=True)
         if self.audit is not None:
             self.audit.close()
 
@@ -286,6 +314,23 @@ class Firewall:
         }
         path = self.state_dir / killswitch.ENFORCED_FILE
         self.loop.run_in_executor(None, atomic_write, path, json.dumps(data))
+
+    def _touch_live(self) -> None:
+        """Schedule a ``live.json`` snapshot (coalesced, written off the loop)."""
+        if self._live_timer is None and self.loop is not None:
+            self._live_timer = self.loop.call_later(0.1, self._flush_live)
+
+    def _flush_live(self) -> None:
+        self._live_timer = None
+        if self.state_dir is None or self.loop is None:
+            return
+        data = {
+            "pid": os.getpid(),
+            "at": audit_mod.now_iso(),
+            "parked": {a: len(q) for a, q in self.parked.items() if q},
+            "releasing": {a: len(q) for a, q in self.releasing.items() if q},
+        }
+        self.loop.run_in_executor(None, atomic_write, self.state_dir / LIVE_FILE, json.dumps(data))
 
     # ------------------------------------------------------------ decisions
 
@@ -420,6 +465,7 @@ class Firewall:
 
     def client_disconnected(self, client: Client) -> None:
         cid = client.id
+        self._closing.discard(cid)
         self.tunnel_auth.pop(cid, None)
         self.inflight.pop(cid, None)
         self.passthrough.discard(cid)
@@ -436,6 +482,7 @@ class Firewall:
                     queue.remove(flow)  # forget it: it must never reach upstream later
                     flow.resume()
                     flow.kill()
+                    self._touch_live()
         if cid in self.awaiting:
             self._release_step_done(cid)
 
@@ -491,6 +538,7 @@ class Firewall:
         flow.intercept()
         queue.append(flow)
         self._schedule_park_timer()
+        self._touch_live()
 
     def _release(self, agent: str) -> None:
         """Release ``agent``'s parked flows upstream in arrival order.
@@ -506,6 +554,7 @@ class Firewall:
         if not queue:
             return
         self._audit("park.released", agent=agent, flows=len(queue))
+        self._touch_live()
         self.releasing.setdefault(agent, deque()).extend(queue)
         if agent not in self.awaiting.values():
             self._release_next(agent)
@@ -543,8 +592,9 @@ class Firewall:
     ) -> None:
         queue = self.parked.pop(agent, deque())
         queue.extend(self.releasing.pop(agent, deque()))
+        self._touch_live()
         for flow in queue:
-            flow.response = refusal(status, reason, agent, detail, kill)
+            flow.response = refusal(status, reason, agent, detail, kill, {"Connection": "close"})
             flow.resume()
         if queue:
             self._audit(
@@ -563,6 +613,7 @@ class Firewall:
                 flow = queue.popleft()
                 flow.response = refusal(503, "park_timeout", agent, "parked too long")
                 flow.resume()
+                self._touch_live()
             if not queue:
                 del self.parked[agent]
         if self.parked:
@@ -572,9 +623,7 @@ class Firewall:
 # ---------------------------------------------------------------- running a proxy
 
 
-def serve(
-    rules: Path, state: Path, host: str, port: int, extra: dict[str, Any] | None = None
-) -> int:
+def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = ()) -> int:
     """Run mitmproxy with the addon until SIGINT/SIGTERM; returns the exit code."""
     import signal
 
@@ -594,8 +643,8 @@ def serve(
                 connection_strategy="lazy",
                 axme_state=str(state),
                 axme_rules=str(rules),
-                **(extra or {}),
             )
+            opts.set(*sets)  # "option=value" strings, parsed by mitmproxy like --set
         except Exception as exc:  # OptionsError wraps our rules errors
             print(str(exc).removeprefix("Error in axme_fw: ").strip(), file=sys.stderr)
             return 1

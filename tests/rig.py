@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ class Upstream:
 
     port: int
     scheme: str
-    server: ThreadingHTTPServer
+    server: HTTPServer
     seen: list[Seen] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -91,9 +91,9 @@ class Upstream:
         return [s.path for s in list(self.seen) if s.path.startswith(prefix)]
 
 
-def _make_handler(up: list[Upstream]) -> type[BaseHTTPRequestHandler]:
+def _make_handler(up: list[Upstream], protocol: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+        protocol_version = protocol
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -147,10 +147,21 @@ def _make_handler(up: list[Upstream]) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def start_upstream(tls: ssl.SSLContext | None = None) -> Upstream:
+class _ThreadedServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+
+class _OrderedServer(HTTPServer):
+    request_queue_size = 1024
+
+
+def start_upstream(tls: ssl.SSLContext | None = None, *, ordered: bool = False) -> Upstream:
+    """An upstream on a free port. ``ordered``: one connection at a time, closed after each
+    response, so ``seen`` is exactly the order in which connections reached it."""
     holder: list[Upstream] = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(holder))
-    server.daemon_threads = True
+    cls = _OrderedServer if ordered else _ThreadedServer
+    server = cls(("127.0.0.1", 0), _make_handler(holder, "HTTP/1.0" if ordered else "HTTP/1.1"))
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
     up = Upstream(server.server_address[1], "https" if tls else "http", server)
