@@ -114,10 +114,19 @@ def append(state_dir: Path, event: str, **fields: Any) -> None:
 
 
 class AuditWriter:
-    """Queue records from the event loop; a daemon thread appends them in batches."""
+    """Queue records from the event loop; a daemon thread appends them in batches.
 
-    def __init__(self, state_dir: Path) -> None:
+    The thread outlives any error: a batch that cannot be appended (disk full, a bug,
+    anything raised) is retried ``ATTEMPTS`` times, logged with its traceback each
+    time, then dropped and counted in :attr:`dropped`; later records are still written.
+    """
+
+    ATTEMPTS = 5
+
+    def __init__(self, state_dir: Path, *, retry_delay: float = 0.2) -> None:
         self.chain = Chain(state_dir / AUDIT_FILE)
+        self.retry_delay = retry_delay  # seconds; attempt k waits k * retry_delay after failing
+        self.dropped = 0  # records given up on; only the writer thread changes it
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="axme-fw-audit", daemon=True)
         self._thread.start()
@@ -150,16 +159,23 @@ class AuditWriter:
                 self._append(batch)
 
     def _append(self, batch: list[dict[str, Any]]) -> None:
-        for attempt in range(5):
+        """Append ``batch``; never raises (a dead writer would silently stop the audit)."""
+        for attempt in range(1, self.ATTEMPTS + 1):
             try:
                 self.chain.append(batch)
                 return
-            except OSError as exc:  # disk full, permissions: keep the proxy up, say so loudly
-                log.error(
-                    "audit: cannot append to %s: %s (attempt %d)", self.chain.path, exc, attempt + 1
+            except Exception:  # disk full, permissions, a bug: keep the proxy up, say so loudly
+                log.exception(
+                    "audit: cannot append %d records to %s (attempt %d of %d)",
+                    len(batch),
+                    self.chain.path,
+                    attempt,
+                    self.ATTEMPTS,
                 )
-                time.sleep(0.2 * (attempt + 1))
-        log.error("audit: dropped %d records", len(batch))
+            if attempt < self.ATTEMPTS:
+                time.sleep(self.retry_delay * attempt)
+        self.dropped += len(batch)
+        log.error("audit: dropped %d records (%d in all)", len(batch), self.dropped)
 
 
 # ---------------------------------------------------------------- reading and verifying
@@ -177,6 +193,8 @@ def verify(path: Path) -> VerifyResult:
 
     The first bad line is named: an edited line breaks the ``prev`` of the line after
     it (or the head, for the last line); an inserted or deleted line breaks ``seq``.
+    A non-empty log without its head fails: the end could have been cut off. Only an
+    empty log may lack a head (``ok`` with a note); an absent log fails.
     """
     if not path.exists():
         return VerifyResult(False, 0, f"{path}: no audit log")
@@ -208,8 +226,20 @@ def verify(path: Path) -> VerifyResult:
     head_path = path.with_suffix(".head")
     try:
         head = json.loads(head_path.read_text())
-    except (OSError, ValueError):
-        return VerifyResult(True, n, "no head file: the end of the log is not anchored")
+    except FileNotFoundError:
+        if n == 0:  # nothing was ever appended: there is no end to anchor
+            return VerifyResult(True, 0, "no head file: the end of the log is not anchored")
+        # Deleting lines at the end and then the head would otherwise pass unnoticed.
+        return VerifyResult(
+            False,
+            n,
+            f"{head_path}: missing: the end of the log cannot be verified "
+            "(lines may have been removed)",
+        )
+    except (OSError, ValueError) as exc:
+        return VerifyResult(False, n, f"{head_path}: unreadable: {exc}")
+    if not isinstance(head, dict):
+        return VerifyResult(False, n, f"{head_path}: not a valid head record")
     if head.get("seq") != n or head.get("sha256") != prev:
         if isinstance(head.get("seq"), int) and head["seq"] > n:
             return VerifyResult(

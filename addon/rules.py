@@ -5,8 +5,10 @@ files, an unknown key, a wrong type, a bad duration or an action name that is no
 defined are errors naming ``FILE:LINE: key``. :func:`load_dir` raises
 :class:`RulesError` carrying all of them; the caller keeps its last good ruleset.
 
-Parsing is cached per file by (inode, size, mtime), so a kill — which rewrites only
-``kill.yaml`` — does not re-parse a 10,000-agent file.
+Parsing is cached per file by the SHA-256 of its bytes: every file is read on each
+load (cheap), but only files whose bytes changed are parsed again, so a kill — which
+rewrites only ``kill.yaml`` — does not re-parse a 10,000-agent file. (Keying on inode,
+size and mtime would miss an in-place edit of the same size within one mtime tick.)
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Action:
         return bool(self._host_re.match(host) or self._host_re.match(f"{host}:{port}"))
 
     def matches(self, host: str, port: int, method: str, path: str) -> bool:
+        """Method, then path (query string ignored, see :func:`path_glob`), then host."""
         if self.methods is not None and method not in self.methods:
             return False
         if self._path_re is not None and not self._path_re.match(path.split("?", 1)[0]):
@@ -70,12 +73,37 @@ class Action:
         return self.matches_host(host, port)
 
 
+def path_glob(pattern: str) -> str:
+    """A regex (anchored at the end; use with ``re.match``) for one path glob.
+
+    ``*`` matches within one segment (never ``/``), ``**`` matches anything including
+    ``/``, ``?`` matches one character other than ``/``; everything else is literal
+    (no ``[...]`` classes). So ``/v2/projects/*/services`` matches
+    ``/v2/projects/p1/services`` but not ``/v2/projects/a/b/services``. Matching is
+    case-sensitive, as paths are. Hosts use :mod:`fnmatch` instead (no ``/`` in a host).
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            stars = len(pattern[i:]) - len(pattern[i:].lstrip("*"))
+            out.append(".*" if stars > 1 else "[^/]*")
+            i += stars
+            continue
+        out.append("[^/]" if c == "?" else re.escape(c))
+        i += 1
+    return rf"(?s:{''.join(out)})\Z"
+
+
 def make_action(
     name: str, hosts: Iterable[str], methods: Iterable[str] | None, paths: Iterable[str]
 ) -> Action:
+    """Hosts are case-insensitive :mod:`fnmatch` globs (``host`` or ``host:port``);
+    paths are :func:`path_glob` globs; ``methods`` None means any method."""
     hosts, paths = tuple(h.lower() for h in hosts), tuple(paths)
     host_re = re.compile("|".join(fnmatch.translate(h) for h in hosts) or r"(?!)")
-    path_re = re.compile("|".join(fnmatch.translate(p) for p in paths)) if paths else None
+    path_re = re.compile("|".join(path_glob(p) for p in paths)) if paths else None
     meths = frozenset(m.upper() for m in methods) if methods is not None else None
     return Action(name, hosts, meths, paths, host_re, path_re)
 
@@ -138,7 +166,7 @@ class Ruleset:
     kills: tuple[Kill, ...]
     alerts: tuple[Alert, ...]
     kill_revision: int
-    digest: str  # SHA-256 over the files' bytes, for the audit log
+    digest: str  # SHA-256 over each file's name and SHA-256, for the audit log
     _kill_exact: dict[str, Kill] = field(default_factory=dict, repr=False)
     _kill_globs: tuple[tuple[re.Pattern[str], Kill], ...] = field(default=(), repr=False)
     _addresses: dict[str, str] = field(default_factory=dict, repr=False)
@@ -190,7 +218,7 @@ class _FilePart:
     kills: list[Kill] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     kill_revision: int = 0
-    digest: bytes = b""
+    digest: bytes = b""  # SHA-256 of the file's bytes, folded into Ruleset.digest
 
 
 _TOP = frozenset({"version", "defaults", "alerts", "actions", "agents", "kills", "revision"})
@@ -205,7 +233,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def parse_file(path: Path, text: str, shown: str) -> _FilePart:
     errors = y.Errors(shown)
-    part = _FilePart(errors.items, digest=text.encode())
+    part = _FilePart(errors.items, digest=hashlib.sha256(text.encode()).digest())
     root = y.compose(text, errors)
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
         return part  # an empty file contributes nothing
@@ -318,6 +346,9 @@ def _parse_limit(node: yaml.Node, key: str, errors: y.Errors, *, cost: bool) -> 
     for required in ("max", "per"):
         if required not in values and isinstance(node, yaml.MappingNode):
             errors.add(node, f"{key}.{required}", "required")
+    # No default: silently killing (or merely throttling) an agent is a choice to write down.
+    if "on_exceed" not in values and isinstance(node, yaml.MappingNode):
+        errors.add(node, f"{key}.on_exceed", f"required ({' | '.join(ON_EXCEED)})")
     if len(errors.items) > before:
         return None
     short = key.split(".limits.", 1)[1]
@@ -325,7 +356,7 @@ def _parse_limit(node: yaml.Node, key: str, errors: y.Errors, *, cost: bool) -> 
         short,
         float(values["max"]),  # type: ignore[arg-type]
         float(values["per"]),  # type: ignore[arg-type]
-        values.get("on_exceed") or "kill",  # type: ignore[arg-type]
+        values["on_exceed"],  # type: ignore[arg-type]
         values.get("warn_at"),  # type: ignore[arg-type]
     )
 
@@ -419,35 +450,40 @@ def _parse_alert(node: yaml.Node, key: str, errors: y.Errors) -> Alert | None:
 
 
 class Loader:
-    """Loads a rules directory, re-parsing only files that changed since the last call."""
+    """Loads a rules directory, re-parsing only files whose bytes changed since the last call."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self._cache: dict[Path, tuple[tuple[int, int, int], _FilePart]] = {}
+        self._cache: dict[Path, tuple[bytes, _FilePart]] = {}  # path -> (SHA-256, parse)
 
     def load(self) -> Ruleset:
-        """Parse and merge every ``*.yaml``; raise :class:`RulesError` listing every problem."""
+        """Parse and merge every ``*.yaml``; raise :class:`RulesError` listing every problem.
+
+        Every file is read each time; a file is parsed again only if the SHA-256 of its
+        bytes differs from the last load's, whatever its inode, size or mtime say.
+        """
         if not self.directory.is_dir():
             raise RulesError([f"{self.directory}: rules directory not found"])
         parts: list[tuple[str, _FilePart]] = []
-        fresh: dict[Path, tuple[tuple[int, int, int], _FilePart]] = {}
+        fresh: dict[Path, tuple[bytes, _FilePart]] = {}
         for path in sorted(self.directory.glob("[!.]*.yaml")):
             if path.name == PRICING_FILE:
                 continue
             try:
-                st = path.stat()
-                sig = (st.st_ino, st.st_size, st.st_mtime_ns)
+                raw = path.read_bytes()
+                sha = hashlib.sha256(raw).digest()
                 cached = self._cache.get(path)
-                if cached is not None and cached[0] == sig:
+                if cached is not None and cached[0] == sha:
                     part = cached[1]
                 else:
-                    text = path.read_text(encoding="utf-8")
-                    part = parse_file(path, text, str(path))
+                    # Decoded as is (no newline translation): YAML reads CRLF itself, and
+                    # the part's digest is then the SHA-256 of these very bytes.
+                    part = parse_file(path, raw.decode("utf-8"), str(path))
             except FileNotFoundError:
                 continue  # removed between glob and read: it no longer contributes
             except (OSError, UnicodeDecodeError) as exc:
                 raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
-            fresh[path] = (sig, part)
+            fresh[path] = (sha, part)
             parts.append((str(path), part))
         self._cache = fresh
         return merge(parts)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,9 +188,31 @@ def test_no_log(tmp_path: Path) -> None:
     assert verify(path) == VerifyResult(False, 0, f"{path}: no audit log")
 
 
-def test_no_head_file_is_reported(log5: Path) -> None:
-    log5.with_suffix(".head").unlink()
-    assert verify(log5) == VerifyResult(True, 5, "no head file: the end of the log is not anchored")
+def test_missing_head_next_to_a_log_fails(log5: Path) -> None:
+    # Cutting lines off the end and deleting the head must not pass as "not anchored".
+    head = log5.with_suffix(".head")
+    head.unlink()
+    rewrite(log5, lines_of(log5)[:3])
+    assert verify(log5) == VerifyResult(
+        False,
+        3,
+        f"{head}: missing: the end of the log cannot be verified (lines may have been removed)",
+    )
+
+
+def test_empty_log_without_head_is_ok(tmp_path: Path) -> None:
+    path = tmp_path / AUDIT_FILE
+    path.write_bytes(b"")
+    assert verify(path) == VerifyResult(True, 0, "no head file: the end of the log is not anchored")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[5]"])
+def test_unreadable_head_fails(log5: Path, content: str) -> None:
+    head = log5.with_suffix(".head")
+    head.write_text(content)
+    result = verify(log5)
+    assert (result.ok, result.lines) == (False, 5)
+    assert result.problem.startswith(f"{head}: ")
 
 
 # -- concurrent writers ----------------------------------------------------------------
@@ -266,6 +292,43 @@ def test_processes_append_concurrently(tmp_path: Path) -> None:
     for p in procs:
         assert p.wait(timeout=60) == 0
     assert_one_chain(path, dict.fromkeys(names, n))
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        time.sleep(0.005)
+
+
+def test_audit_writer_survives_any_exception_and_counts_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer = AuditWriter(tmp_path, retry_delay=0.0)
+    real_append = writer.chain.append
+    calls: list[int] = []
+
+    def flaky(records: list[dict[str, Any]], *, sync: bool = True) -> None:
+        if any(r.get("boom") for r in records):
+            calls.append(len(records))
+            raise RuntimeError("not an OSError")
+        real_append(records, sync=sync)
+
+    writer.chain.append = flaky  # type: ignore[method-assign]
+    caplog.set_level(logging.ERROR, logger="axme_fw.audit")
+    writer.write("decision", boom=True, i=0)
+    writer.write("decision", boom=True, i=1)
+    wait_for(lambda: calls == [2] * 5 and writer.dropped == 2)
+    assert writer._thread.is_alive()
+
+    writer.write("decision", writer="after", i=0)
+    writer.close()
+    assert not writer._thread.is_alive()
+    assert writer.dropped == 2
+    assert_one_chain(tmp_path / AUDIT_FILE, {"after": 1})
+    tracebacks = [r for r in caplog.records if r.exc_info and r.exc_info[0] is RuntimeError]
+    assert len(tracebacks) == 5
+    assert "dropped 2 records" in caplog.text
 
 
 def test_audit_writer_from_another_thread_then_close_flushes(tmp_path: Path) -> None:

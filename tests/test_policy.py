@@ -34,7 +34,7 @@ agents:
     allow: ["*"]
     limits:
       actions:
-        deploy: {{{{max: 3, per: 6h}}}}
+        deploy: {{{{max: 3, per: 6h, on_exceed: kill}}}}
   mute:
     token_sha256: {token_digest("mute-token")}
 """

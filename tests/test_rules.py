@@ -63,6 +63,16 @@ ERROR_CASES: dict[str, list[str]] = {
         "{d}/rules.yaml:10: agents.deployer.limits.requests.per: "
         "bad duration '1 hour' (use 30s, 5m, 1h, 1d)",
     ],
+    # No default: every limit says what happens when it is exceeded. The line is the
+    # limit mapping's (for a block mapping, that of its first key).
+    "missing_on_exceed": [
+        "{d}/rules.yaml:8: agents.deployer.limits.requests.on_exceed: "
+        "required (kill | park | throttle)",
+        "{d}/rules.yaml:9: agents.deployer.limits.cost_usd.on_exceed: "
+        "required (kill | park | throttle)",
+        "{d}/rules.yaml:12: agents.deployer.limits.actions.deploy.on_exceed: "
+        "required (kill | park | throttle)",
+    ],
     "bad_on_exceed": [
         "{d}/rules.yaml:8: agents.deployer.limits.requests.on_exceed: "
         "must be one of kill | park | throttle, got 'explode'",
@@ -231,7 +241,7 @@ agents:
 
 
 def with_requests_limit(max: str, per: str) -> str:
-    limits = f"limits: {{requests: {{max: {max}, per: {per}}}}}"
+    limits = f"limits: {{requests: {{max: {max}, per: {per}, on_exceed: throttle}}}}"
     return RULES.replace("allow: [llm]}", f"allow: [llm], {limits}}}")
 
 
@@ -293,6 +303,42 @@ def test_loader_reparses_only_the_changed_file(tmp_path: Path) -> None:
     assert second.defaults.mode == "report"
     assert second.agents["deployer"] is first.agents["deployer"]  # the cached parse
     assert second.digest != first.digest
+
+
+def test_loader_sees_an_in_place_edit_of_the_same_size_and_mtime(tmp_path: Path) -> None:
+    # ext4 stamps mtime at kernel-tick granularity: an editor rewriting a file in place
+    # (same inode) with same-size content can leave (inode, size, mtime) unchanged.
+    path = tmp_path / "defaults.yaml"
+    write(path, "defaults: {mode: enforce}\n")
+    before = path.stat()
+    loader = Loader(tmp_path)
+    first = loader.load()
+    assert first.defaults.mode == "enforce"
+
+    with open(path, "r+b") as fh:  # in place: same inode
+        fh.write(b"defaults: {mode: report} \n")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    second = loader.load()
+    assert second.defaults.mode == "report"
+    assert second.digest != first.digest
+
+
+def test_loader_keeps_the_parse_and_digest_of_unchanged_bytes(tmp_path: Path) -> None:
+    write(tmp_path / "agents.yaml", RULES)
+    loader = Loader(tmp_path)
+    first = loader.load()
+    os.utime(tmp_path / "agents.yaml", ns=(1, 1))  # touched, not changed
+    second = loader.load()
+    assert second.agents["deployer"] is first.agents["deployer"]
+    assert second.digest == first.digest
+    # The digest depends only on names and bytes, not on the loader's cache.
+    assert load_dir(tmp_path).digest == first.digest
 
 
 def test_loader_sees_a_file_replaced_by_rename(tmp_path: Path) -> None:
@@ -436,6 +482,61 @@ def test_action_host_globs_and_ports(host: str, port: int, ok: bool) -> None:
         "a", ["*.githubusercontent.com", "localhost:8080", "API.github.com"], None, []
     )
     assert action.matches_host(host, port) is ok
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "ok"),
+    [
+        ("/v2/projects/*/services", "/v2/projects/a/services", True),
+        ("/v2/projects/*/services", "/v2/projects//services", True),  # empty segment
+        ("/v2/projects/*/services", "/v2/projects/a/b/services", False),  # * stops at /
+        ("/v2/projects/*", "/v2/projects/a", True),
+        ("/v2/projects/*", "/v2/projects/a/services", False),
+        ("/v2/**/services", "/v2/projects/a/b/services", True),  # ** crosses /
+        ("/v2/**/services", "/v2/x/services", True),
+        ("/v2/**/services", "/v2/x/services/y", False),
+        ("/v2/**", "/v2/projects/a/b", True),
+        ("/v2/**", "/v3/projects", False),
+        ("/**", "/anything/at/all", True),
+        ("/v?/models", "/v1/models", True),
+        ("/v?/models", "/v12/models", False),
+        ("/a?b", "/a/b", False),  # ? is not /
+        ("/v1/models", "/v1/models", True),
+        ("/v1/models", "/v1/models/", False),
+        ("/v1/Models", "/v1/models", False),  # paths are case-sensitive
+        ("/v1/[ab]", "/v1/a", False),  # brackets are literal, not a class
+        ("/v1/[ab]", "/v1/[ab]", True),
+        ("/v1/a.b", "/v1/axb", False),  # regex metacharacters are literal
+        ("/v1/a+b(c)", "/v1/a+b(c)", True),
+        ("/v1/*", "/v1/a?x=/y", True),  # the query string is not part of the path
+    ],
+)
+def test_action_path_globs(pattern: str, path: str, ok: bool) -> None:
+    action = make_action("a", ["example.com"], None, [pattern])
+    assert action.matches("example.com", 443, "GET", path) is ok
+
+
+def test_action_any_of_several_paths() -> None:
+    action = make_action("a", ["example.com"], None, ["/a/*", "/b/**"])
+    assert action.matches("example.com", 443, "GET", "/a/x") is True
+    assert action.matches("example.com", 443, "GET", "/b/x/y") is True
+    assert action.matches("example.com", 443, "GET", "/a/x/y") is False
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "ok"),
+    [
+        ("*.example.com", "a.b.example.com", True),  # fnmatch: * also spans dots
+        ("*.example.com", "example.com", False),
+        ("API.Example.com", "api.example.COM", True),  # case-insensitive both ways
+        ("api?.example.com", "api2.example.com", True),
+        ("api[12].example.com", "api2.example.com", True),  # fnmatch classes for hosts
+        ("api[12].example.com", "api3.example.com", False),
+        ("*", "anything.at.all", True),
+    ],
+)
+def test_action_host_globs_are_fnmatch(pattern: str, host: str, ok: bool) -> None:
+    assert make_action("a", [pattern], None, []).matches_host(host, 443) is ok
 
 
 def test_action_without_hosts_matches_nothing() -> None:
