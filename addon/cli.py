@@ -28,7 +28,8 @@ from .rules import (
     atomic_write,
     token_digest,
 )
-from .state import read_live
+from .state import STORE_FILE, Store, read_live
+from .yamlnodes import format_duration
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 RULES_OPT = click.option(
@@ -239,6 +240,9 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
     enforced = killswitch.read_enforced(state_dir)
     live = read_live(state_dir) or {}
     parked = live.get("parked") or {}
+    usage = live.get("limits") if live else None
+    if usage is None:  # no running proxy: the durable counters, as of its last flush
+        usage = durable_usage(rules, state_dir)
     names = sorted(
         set(rules.agents) | {k.agent for k in rules.kills if not any(c in k.agent for c in "*?[")}
     )
@@ -256,6 +260,7 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
                 "since": kill.at if kill else None,
                 "kill_pattern": kill.agent if kill else None,
                 "parked": int(parked.get(name, 0)),
+                "limits": usage.get(name) or zero_usage(rules, name),
             }
         )
     proxy = (
@@ -278,18 +283,23 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="axme-fw agents")
-    for col in ("agent", "state", "parked", "reason", "by", "since"):
-        table.add_column(col)
+    table = Table(title="axme-fw agents", title_justify="left", expand=False)
+    table.add_column("agent", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("parked", justify="right")
+    table.add_column("limits", no_wrap=True)
+    table.add_column("why", overflow="fold")
     style = {"active": "green", "killed": "bold red", "paused": "yellow"}
     for r in rows:
+        why = ""
+        if r["state"] != "active":
+            why = f"{r['reason'] or '(no reason)'} — {r['by']}, {ago(r['since'])}"
         table.add_row(
             r["agent"],
             f"[{style[r['state']]}]{r['state']}[/]",
             str(r["parked"] or ""),
-            r["reason"] or "",
-            r["by"] or "",
-            r["since"] or "",
+            "\n".join(limit_text(u) for u in r["limits"]),
+            why,
         )
     console = Console()
     console.print(table)
@@ -300,6 +310,72 @@ def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
             f"proxy (pid {proxy['pid']}) enforces kill revision {proxy['revision']}, "
             f"the file is at {rules.kill_revision}: is it running?"
         )
+
+
+def durable_usage(rules: Ruleset, state_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    import time
+
+    from .limits import Windows
+
+    if not (state_dir / STORE_FILE).exists():
+        return {}
+    store = Store(state_dir)
+    try:
+        saved = store.load("windows")
+    finally:
+        store.close()
+    if saved is None:
+        return {}
+    windows, now = Windows.restore(saved, time.time()), time.time()
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in windows.agents():
+        agent = rules.agents.get(name)
+        if agent is None:
+            continue
+        out[name] = [
+            {
+                "key": lim.key,
+                "used": windows.used(name, lim.key, lim.per, now),
+                "max": lim.max,
+                "per": lim.per,
+                "on_exceed": lim.on_exceed,
+            }
+            for lim in agent.limits
+        ]
+    return out
+
+
+def zero_usage(rules: Ruleset, name: str) -> list[dict[str, Any]]:
+    agent = rules.agents.get(name)
+    limits = agent.limits if agent is not None else ()
+    return [
+        {"key": lim.key, "used": 0, "max": lim.max, "per": lim.per, "on_exceed": lim.on_exceed}
+        for lim in limits
+    ]
+
+
+def ago(iso: str | None) -> str:
+    """``2026-11-30T06:46:03.021Z`` → ``3m ago`` (the ISO time itself if unparseable)."""
+    from datetime import UTC, datetime
+
+    if not iso:
+        return "?"
+    try:
+        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    secs = int((datetime.now(UTC) - then).total_seconds())
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if secs >= size:
+            return f"{secs // size}{unit} ago"
+    return f"{max(secs, 0)}s ago"
+
+
+def limit_text(u: dict[str, Any]) -> str:
+    """``actions.deploy 3/3 per 6h``."""
+    key = str(u.get("key", "?")).removeprefix("actions.")
+    per = format_duration(float(u.get("per", 0)))
+    return f"{key} {u.get('used', 0):g}/{u.get('max', 0):g} per {per}"
 
 
 # ---------------------------------------------------------------- audit

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -30,10 +32,12 @@ from mitmproxy.connection import Client
 # script, where relative imports fail; the installed package serves both ways.
 from axme_fw import audit as audit_mod
 from axme_fw import killswitch
+from axme_fw.limits import Exceeded, LimitSpec, OnExceed, Windows, retry_after_header
 from axme_fw.policy import Decision, Facts, Verdict, decide
 from axme_fw.rules import EMPTY, Kill, Loader, RulesError, Ruleset, atomic_write
-from axme_fw.state import LIVE_FILE
+from axme_fw.state import LIVE_FILE, Store
 from axme_fw.watch import RulesWatcher
+from axme_fw.yamlnodes import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,54 @@ def refusal(
         headers["Proxy-Authenticate"] = 'Basic realm="axme-fw"'
     headers.update(extra_headers or {})
     return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
+
+
+FLUSH_INTERVAL = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSpecs:
+    """An agent's limits, prepared once per rules load for the per-request path."""
+
+    requests: tuple[LimitSpec, ...]
+    actions: dict[str, tuple[LimitSpec, ...]]
+    cost: LimitSpec | None
+
+    def all(self) -> list[LimitSpec]:
+        out = [*self.requests, *(s for specs in self.actions.values() for s in specs)]
+        return [*out, self.cost] if self.cost is not None else out
+
+
+def agent_specs(limits: Sequence[Any]) -> AgentSpecs:
+    requests: list[LimitSpec] = []
+    actions: dict[str, tuple[LimitSpec, ...]] = {}
+    cost = None
+    for lim in limits:
+        spec = LimitSpec(lim.key, lim.max, lim.per, OnExceed(lim.on_exceed), lim.warn_at)
+        if lim.key == "requests":
+            requests.append(spec)
+        elif lim.key == "cost_usd":
+            cost = spec
+        else:
+            name = lim.key.removeprefix("actions.")
+            actions[name] = (*actions.get(name, ()), spec)
+    return AgentSpecs(tuple(requests), actions, cost)
+
+
+def limit_detail(ex: Exceeded) -> str:
+    """``limits.actions.deploy: max 3 per 6h reached (3 used)``: for people and kill.yaml."""
+    spec = ex.spec
+    return (
+        f"limits.{spec.key}: max {spec.max:g} per {format_duration(spec.per)} reached "
+        f"({ex.used:g} used)"
+    )
+
+
+def with_kill(rules: Ruleset, kill: Kill) -> Ruleset:
+    """``rules`` with ``kill`` first in the kill list (indices rebuilt, ``rules`` untouched)."""
+    return dataclasses.replace(
+        rules, kills=(kill, *rules.kills), _kill_exact={}, _kill_globs=(), _addresses={}
+    )
 
 
 def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
@@ -182,6 +234,15 @@ class Firewall:
         self._park_timer: asyncio.TimerHandle | None = None
         self._live_timer: asyncio.TimerHandle | None = None
         self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
+        # Limits: the hot path is in memory; the durable copy is flushed off the loop.
+        self.windows = Windows()
+        self.specs: dict[str, AgentSpecs] = {}
+        self.pending_kills: dict[str, Kill] = {}  # auto-kills not yet seen in kill.yaml
+        self.store: Store | None = None
+        self._windows_dirty = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        # One writer thread for state files: writes land in the order they were asked.
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="axme-fw-state")
 
     # ------------------------------------------------------------ lifecycle
 
@@ -207,6 +268,10 @@ class Firewall:
             if self.audit is not None:
                 self.audit.close()
             self.audit = audit_mod.AuditWriter(self.state_dir)
+            self.store = Store(self.state_dir)
+            saved = self.store.load("windows")  # once, at start-up, before traffic
+            if saved is not None:
+                self.windows = Windows.restore(saved, time.time())
 
     def running(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -229,6 +294,10 @@ class Firewall:
         deadline = time.monotonic() + 3.0
         while self._closing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self.store is not None:
+            self.writer.shutdown(wait=True)  # pending state writes first
+            self.store.save("windows", self.windows.snapshot())
+            self.store.close()
         self._audit("proxy.stopped", pid=os.getpid())
         if self.state_dir is not None:
             (self.state_dir / LIVE_FILE).unlink(missing_ok=True)
@@ -270,8 +339,18 @@ class Firewall:
             self._reload_again = False
             self.reload()
 
-    def _install(self, rules: Ruleset, initial: bool = False) -> None:
+    def _install(self, rules: Ruleset, initial: bool = False, spare: str | None = None) -> None:
+        """Swap in ``rules``; cut in-flight work of newly killed agents (except ``spare``)."""
+        for agent, pending in list(self.pending_kills.items()):
+            if rules.kill_for(agent) is not None:
+                del self.pending_kills[agent]  # kill.yaml has it (or a glob covers it)
+            else:
+                rules = with_kill(rules, pending)  # written, but not read back yet
         old, self.rules = self.rules, rules
+        if old.agents is not rules.agents:
+            self.specs = {
+                name: agent_specs(a.limits) for name, a in rules.agents.items() if a.limits
+            }
         timeout = rules.defaults.park_timeout
         if ctx.options.tcp_timeout < timeout + 60:
             # mitmproxy closes idle connections after tcp_timeout: parked ones included.
@@ -280,7 +359,12 @@ class Firewall:
             return
         for agent in list(self.live):
             kill = rules.kill_for(agent)
-            if kill is not None and kill.mode == "block" and old.kill_for(agent) != kill:
+            if (
+                kill is not None
+                and kill.mode == "block"
+                and old.kill_for(agent) != kill
+                and agent != spare
+            ):
                 cut = self.cut(agent, kill)
                 self._audit(
                     "kill.enforced",
@@ -313,7 +397,7 @@ class Firewall:
             "at": audit_mod.now_iso(),
         }
         path = self.state_dir / killswitch.ENFORCED_FILE
-        self.loop.run_in_executor(None, atomic_write, path, json.dumps(data))
+        self.loop.run_in_executor(self.writer, atomic_write, path, json.dumps(data))
 
     def _touch_live(self) -> None:
         """Schedule a ``live.json`` snapshot (coalesced, written off the loop)."""
@@ -329,8 +413,11 @@ class Firewall:
             "at": audit_mod.now_iso(),
             "parked": {a: len(q) for a, q in self.parked.items() if q},
             "releasing": {a: len(q) for a, q in self.releasing.items() if q},
+            "limits": self._usage(time.time()),
         }
-        self.loop.run_in_executor(None, atomic_write, self.state_dir / LIVE_FILE, json.dumps(data))
+        self.loop.run_in_executor(
+            self.writer, atomic_write, self.state_dir / LIVE_FILE, json.dumps(data)
+        )
 
     # ------------------------------------------------------------ decisions
 
@@ -426,6 +513,8 @@ class Firewall:
         cid = flow.client_conn.id
         self.passthrough.discard(cid)
         if self._apply(flow, d) and d.agent is not None:
+            if d.agent in self.specs and not self._admit(flow, d):
+                return
             self._track(cid, d.agent)
             self.inflight.setdefault(cid, set()).add(flow)
 
@@ -526,6 +615,127 @@ class Firewall:
             io.handler.cancel("axme-fw: agent killed")
             cut += 1
         return cut
+
+    # ------------------------------------------------------------ limits
+
+    def _admit(self, flow: http.HTTPFlow, d: Decision) -> bool:
+        """Count the request against its agent's limits; False when it was refused.
+
+        Check and record are one call on the single-threaded loop, so concurrent
+        requests from any number of instances never get more than ``max`` through.
+        """
+        assert d.agent is not None
+        entry = self.specs[d.agent]
+        specs = [*entry.requests]
+        for action in d.actions:
+            specs += entry.actions.get(action, ())
+        if not specs:
+            return True
+        ex = self.windows.admit(d.agent, specs, time.time())
+        if ex is None:
+            self._windows_changed()
+            return True
+        spec = ex.spec
+        detail = limit_detail(ex)
+        if self.rules.defaults.mode == "report":
+            self._audit(
+                "limit.would_exceed", agent=d.agent, rule=f"limits.{spec.key}", detail=detail
+            )
+            return True
+        self._audit_decision(
+            flow,
+            dataclasses.replace(d, verdict=Verdict.DENY, reason="limit_exceeded", detail=detail),
+        )
+        if spec.on_exceed is OnExceed.THROTTLE:
+            retry = retry_after_header(ex.retry_after)
+            flow.response = refusal(
+                429, "limit_exceeded", d.agent, detail, extra_headers={"Retry-After": retry}
+            )
+            self._audit(
+                "limit.throttled", agent=d.agent, rule=f"limits.{spec.key}", retry_after=retry
+            )
+            return False
+        flow.response = refusal(403, "limit_exceeded", d.agent, detail)
+        self._auto_kill(
+            d.agent, "park" if spec.on_exceed is OnExceed.PARK else "block", spec, detail
+        )
+        return False
+
+    def _auto_kill(self, agent: str, mode: str, spec: LimitSpec, detail: str) -> None:
+        """Kill (or pause) ``agent`` now, in memory, and record it in kill.yaml off the loop.
+
+        Enforced at once by installing the kill into the live ruleset (requests already
+        admitted within the limit are not cut); kept as pending until kill.yaml is read back with
+        it, so a reload racing the write cannot drop it. ``axme-fw resume`` undoes it.
+        """
+        kill = Kill(agent, mode, detail, f"policy:limits.{spec.key}", audit_mod.now_iso())  # type: ignore[arg-type]
+        self.pending_kills[agent] = kill
+        # What was admitted under the limit goes on; only what comes next is refused.
+        self._install(self.rules, spare=agent)
+        self._audit(
+            "agent.auto_killed",
+            agent=agent,
+            mode=mode,
+            rule=f"limits.{spec.key}",
+            reason=detail,
+            by=kill.by,
+        )
+        assert self.loop is not None and self.loader is not None
+        future = self.loop.run_in_executor(
+            self.writer,
+            killswitch.kill,
+            self.loader.directory,
+            agent,
+            mode,
+            detail,
+            kill.by,
+            kill.at,
+        )
+        future.add_done_callback(functools.partial(self._auto_kill_written, agent))
+
+    def _auto_kill_written(self, agent: str, future: asyncio.Future[killswitch.Change]) -> None:
+        try:
+            change = future.result()
+        except Exception as exc:  # kill.yaml unreadable: the kill holds in memory until restart
+            log.error("axme-fw: auto-kill of %s not written to kill.yaml: %s", agent, exc)
+            self._audit("agent.auto_kill_unsaved", agent=agent, error=str(exc))
+        else:
+            self._audit("kill.written", agent=agent, revision=change.revision)
+
+    def _windows_changed(self) -> None:
+        self._windows_dirty = True
+        if self._flush_timer is None and self.loop is not None:
+            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush_windows)
+        self._touch_live()
+
+    def _flush_windows(self) -> None:
+        """Hand a snapshot to the writer thread: at most ``FLUSH_INTERVAL`` of counts at risk."""
+        self._flush_timer = None
+        if not self._windows_dirty or self.store is None or self.loop is None:
+            return
+        self._windows_dirty = False
+        self.loop.run_in_executor(self.writer, self.store.save, "windows", self.windows.snapshot())
+
+    def _usage(self, now: float) -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        for agent in self.windows.agents():
+            entry = self.specs.get(agent)
+            if entry is None:
+                continue
+            rows = []
+            for spec in entry.all():
+                used = self.windows.used(agent, spec.key, spec.per, now)
+                rows.append(
+                    {
+                        "key": spec.key,
+                        "used": used,
+                        "max": spec.max,
+                        "per": spec.per,
+                        "on_exceed": spec.on_exceed.value,
+                    }
+                )
+            out[agent] = rows
+        return out
 
     # ------------------------------------------------------------ parking
 

@@ -95,9 +95,11 @@ def update(
     return Change(revision, after, [k for k in before if k not in after])
 
 
-def kill(rules_dir: Path, agent: str, mode: str, reason: str, by: str) -> Change:
+def kill(
+    rules_dir: Path, agent: str, mode: str, reason: str, by: str, at: str | None = None
+) -> Change:
     """Add (or replace) the entry for ``agent`` (a name or a glob)."""
-    entry = {"agent": agent, "mode": mode, "reason": reason, "by": by, "at": now_iso()}
+    entry = {"agent": agent, "mode": mode, "reason": reason, "by": by, "at": at or now_iso()}
 
     def mutate(kills: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [k for k in kills if k.get("agent") != agent] + [entry]

@@ -431,6 +431,10 @@ class Windows:
             if not keys:
                 del self._series[agent]
 
+    def agents(self) -> list[str]:
+        """Agents with any recorded usage (for status snapshots)."""
+        return list(self._series)
+
     def snapshot(self) -> dict[str, Any]:
         """A JSON-serialisable copy of recorded usage (not reservations: in-flight calls do
         not survive the process). Read back with :meth:`restore`."""

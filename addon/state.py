@@ -8,6 +8,7 @@ refreshed a few times a second while something changes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,65 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_live(state_dir: Path) -> dict[str, Any] | None:
     return read_json(state_dir / LIVE_FILE)
+
+
+class Store:
+    """The durable copy of per-agent counters (TinyDB in ``state/state.json``).
+
+    Not thread-safe and blocking: the proxy calls it only from its one state-writer
+    thread (and once, synchronously, at start-up before traffic flows).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        from tinydb import TinyDB
+
+        self.path = state_dir / STORE_FILE
+        self._db = TinyDB(self.path, storage=_AtomicJSONStorage)
+
+    def load(self, name: str) -> dict[str, Any] | None:
+        doc = self._db.table("snapshots").get(doc_id=_DOC_IDS[name])
+        return dict(doc["data"]) if doc is not None and isinstance(doc.get("data"), dict) else None
+
+    def save(self, name: str, data: dict[str, Any]) -> None:
+        from tinydb.table import Document
+
+        self._db.table("snapshots").upsert(Document({"data": data}, doc_id=_DOC_IDS[name]))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+STORE_FILE = "state.json"
+_DOC_IDS = {"windows": 1}
+
+
+def _make_storage() -> type:
+    from tinydb.storages import JSONStorage
+
+    class AtomicJSONStorage(JSONStorage):
+        """TinyDB's JSON storage, but written to a temp file and renamed into place,
+        so a crash mid-write leaves the previous copy, never a torn file."""
+
+        def __init__(self, path: str, **kwargs: Any) -> None:
+            super().__init__(path, **kwargs)
+            self._target = Path(path)
+
+        def read(self) -> dict[str, Any] | None:
+            try:
+                data = json.loads(self._target.read_text())
+            except (OSError, ValueError):
+                return None  # missing or unreadable: start empty (the counters err low)
+            return data if isinstance(data, dict) else None
+
+        def write(self, data: dict[str, Any]) -> None:
+            tmp = self._target.with_name(f".{self._target.name}.tmp")
+            with open(tmp, "w") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._target)
+
+    return AtomicJSONStorage
+
+
+_AtomicJSONStorage = _make_storage()

@@ -1,8 +1,10 @@
 """Fire N requests at once through the proxy from the environment (one connection each).
 
-    python tests/park_worker.py OUT.jsonl URL_PREFIX N [TIMEOUT]
+    python tests/park_worker.py OUT.jsonl URL_PREFIX N [TIMEOUT] [METHOD]
 
-Request i goes to URL_PREFIX-i. Writes one JSON line per finished request.
+Request i goes to URL_PREFIX-i (or URL_PREFIX with "{i}" replaced by i).
+Writes one JSON line per finished request.
+All N threads wait on one barrier, so the requests leave as close together as possible.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import requests
 def main() -> None:
     out, prefix, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 60.0
+    method = sys.argv[5] if len(sys.argv) > 5 else "GET"
+    barrier = threading.Barrier(n)
     lock = threading.Lock()
     fh = open(out, "w", buffering=1)  # noqa: SIM115 - closed below, after the threads
 
     def one(i: int) -> None:
-        url = f"{prefix}-{i}"
+        url = prefix.replace("{i}", str(i)) if "{i}" in prefix else f"{prefix}-{i}"
+        barrier.wait()
         try:
-            r = requests.get(url, timeout=timeout, headers={"Connection": "close"})
+            r = requests.request(method, url, timeout=timeout, headers={"Connection": "close"})
             rec = {
                 "url": url,
                 "status": r.status_code,

@@ -1,0 +1,191 @@
+"""End to end: policies that kill, park or throttle by themselves (the seed story)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.rig import (
+    Proxy,
+    Upstream,
+    agents_yaml,
+    iter_jsonl,
+    start_proxy,
+    start_upstream,
+    wait_for,
+)
+
+HERE = Path(__file__).parent
+DEPLOYER, DTOKEN = "deployer", "tok-dep"
+CODER, CTOKEN = "coder", "tok-cod"
+BUILDER, BTOKEN = "builder", "tok-bld"
+
+BASE = """\
+version: 1
+defaults:
+  audit: {decisions: denied}
+actions:
+  local: {hosts: ["127.0.0.1"]}
+  deploy: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/v2/projects/*/services"]}
+"""
+
+
+def agents() -> str:
+    return agents_yaml(
+        {
+            DEPLOYER: (DTOKEN, ["local", "deploy"]),
+            CODER: (CTOKEN, ["local"]),
+            BUILDER: (BTOKEN, ["local", "deploy"]),
+        },
+        deployer="limits:\n  actions:\n    deploy: {max: 3, per: 6h, on_exceed: kill}",
+        coder="limits:\n  requests: {max: 3, per: 2s, on_exceed: throttle}",
+        builder="limits:\n  actions:\n    deploy: {max: 2, per: 1h, on_exceed: throttle}",
+    )
+
+
+@dataclass
+class World:
+    proxy: Proxy
+    api: Upstream
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    tmp = tmp_path_factory.mktemp("limits")
+    api = start_upstream()
+    rules = tmp / "rules"
+    rules.mkdir()
+    (rules / "base.yaml").write_text(BASE)
+    (rules / "agents.yaml").write_text(agents())
+    proxy = start_proxy(rules, tmp / "state")
+    yield World(proxy, api, tmp)
+    proxy.stop()
+    api.server.shutdown()
+
+
+def session(proxy: Proxy, agent: str, token: str) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.proxies = {"http": proxy.url(agent, token)}
+    return s
+
+
+def deploys(api: Upstream) -> list[str]:
+    return [s.path for s in list(api.seen) if s.method == "POST" and s.path.startswith("/v2/")]
+
+
+def test_seed_story_52_concurrent_deploys_from_4_replicas_exactly_3_reach_the_api(
+    world: World,
+) -> None:
+    proxy, api = world.proxy, world.api
+    outs = [world.tmp / f"replica-{i}.jsonl" for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE / "park_worker.py"),
+                str(out),
+                f"{api.url}/v2/projects/r{i}-{{i}}/services",
+                "13",
+                "30",
+                "POST",
+            ],
+            env=proxy.env(DEPLOYER, DTOKEN),
+        )
+        for i, out in enumerate(outs)
+    ]
+    for p in procs:
+        assert p.wait(60) == 0
+    results = [r for out in outs for r in iter_jsonl(out)]
+    assert len(results) == 52
+    assert len(deploys(api)) == 3  # never more than max, whatever the concurrency
+    assert sum(r["status"] == 200 for r in results) == 3
+    refused = [r for r in results if r["status"] != 200]
+    assert {r["status"] for r in refused} == {403}
+    assert {r["decision"] for r in refused} <= {"limit_exceeded", "agent_killed"}
+    assert any(r["decision"] == "limit_exceeded" for r in refused)
+
+    # The agent is now killed: every instance's next request of any kind is refused.
+    for _ in range(4):
+        r = session(proxy, DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10)
+        assert r.status_code == 403
+        assert r.json()["error"] == "agent_killed"
+        assert r.json()["by"] == "policy:limits.actions.deploy"
+    kills = yaml.safe_load((proxy.rules / "kill.yaml").read_text())["kills"]
+    entry = next(k for k in kills if k["agent"] == DEPLOYER)
+    assert entry["by"] == "policy:limits.actions.deploy"
+    assert entry["reason"] == "limits.actions.deploy: max 3 per 6h reached (3 used)"
+    auto = [r for r in proxy.audit_events("agent.auto_killed") if r["agent"] == DEPLOYER]
+    assert len(auto) == 1 and auto[0]["rule"] == "limits.actions.deploy"
+
+    status = json.loads(proxy.cli("status", "--json").stdout)
+    row = next(r for r in status["agents"] if r["agent"] == DEPLOYER)
+    assert row["state"] == "killed"
+    assert {"key": "actions.deploy", "used": 3, "max": 3}.items() <= row["limits"][0].items()
+    table = proxy.cli("status").stdout
+    assert "3/3 per 6h" in table
+
+    proxy.cli("resume", DEPLOYER, "--reason", "fixed the loop")
+    assert session(proxy, DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10).status_code == 200
+
+
+def test_throttle_answers_429_with_retry_after_and_the_window_slides(world: World) -> None:
+    proxy, api = world.proxy, world.api
+    s = session(proxy, CODER, CTOKEN)
+    statuses = [s.get(f"{api.url}/t{i}", timeout=10).status_code for i in range(3)]
+    assert statuses == [200, 200, 200]
+    t3 = time.monotonic()
+    r = s.get(f"{api.url}/t3", timeout=10)
+    assert r.status_code == 429
+    assert r.headers["X-Axme-Fw-Decision"] == "limit_exceeded"
+    retry = int(r.headers["Retry-After"])
+    assert 1 <= retry <= 2
+    assert "/t3" not in api.paths("/t3")
+    # Still throttled, not killed: once the window slides, requests pass again.
+    ok = wait_for(
+        lambda: s.get(f"{api.url}/t4", timeout=10).status_code == 200, 5, "the window to slide"
+    )
+    assert ok and time.monotonic() - t3 <= retry + 1
+    assert not [k for k in proxy.audit_events("agent.auto_killed") if k["agent"] == CODER]
+    assert [t for t in proxy.audit_events("limit.throttled") if t["agent"] == CODER]
+
+
+def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
+    world: World, tmp_path: Path
+) -> None:
+    rules, state = tmp_path / "rules", tmp_path / "state"
+    rules.mkdir()
+    (rules / "base.yaml").write_text(BASE)
+    (rules / "agents.yaml").write_text(agents())
+    url = f"{world.api.url}/v2/projects/b/services"
+    proxy = start_proxy(rules, state)
+    try:
+        s = session(proxy, BUILDER, BTOKEN)
+        assert [s.post(url, timeout=10).status_code for _ in range(2)] == [200, 200]
+    finally:
+        assert proxy.stop() == 0
+    proxy = start_proxy(rules, state)
+    try:
+        s = session(proxy, BUILDER, BTOKEN)
+        r = s.post(url, timeout=10)
+        assert r.status_code == 429, "the restart forgot the two deploys"
+        # Raise the limit on hot reload: the two deploys still count.
+        n = len(proxy.audit_events("rules.reloaded"))
+        (rules / "agents.yaml").write_text(
+            agents().replace("deploy: {max: 2, per: 1h", "deploy: {max: 3, per: 1h")
+        )
+        wait_for(lambda: len(proxy.audit_events("rules.reloaded")) > n, 10, "reload")
+        assert s.post(url, timeout=10).status_code == 200
+        assert s.post(url, timeout=10).status_code == 429
+    finally:
+        proxy.stop()
