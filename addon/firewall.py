@@ -32,7 +32,14 @@ from mitmproxy.connection import Client
 # script, where relative imports fail; the installed package serves both ways.
 from axme_fw import audit as audit_mod
 from axme_fw import killswitch
-from axme_fw.limits import Exceeded, LimitSpec, OnExceed, Windows, retry_after_header
+from axme_fw.limits import (
+    Exceeded,
+    LimitSpec,
+    OnExceed,
+    Windows,
+    assume_lost,
+    retry_after_header,
+)
 from axme_fw.policy import Decision, Facts, Verdict, decide
 from axme_fw.rules import EMPTY, Kill, Loader, RulesError, Ruleset, atomic_write
 from axme_fw.state import LIVE_FILE, Store
@@ -271,6 +278,11 @@ class Firewall:
             self.store = Store(self.state_dir)
             saved = self.store.load("windows")  # once, at start-up, before traffic
             if saved is not None:
+                if saved.get("clean") is not True:  # a crash: err on the side of refusing
+                    at = saved.get("saved_at")
+                    at = at if isinstance(at, int | float) else time.time()
+                    saved = assume_lost(saved, float(at), FLUSH_INTERVAL)
+                    self._audit("limits.restored_after_crash", saved_at=at)
                 self.windows = Windows.restore(saved, time.time())
 
     def running(self) -> None:
@@ -296,7 +308,7 @@ class Firewall:
             await asyncio.sleep(0.01)
         if self.store is not None:
             self.writer.shutdown(wait=True)  # pending state writes first
-            self.store.save("windows", self.windows.snapshot())
+            self.store.save("windows", {**self.windows.snapshot(), "clean": True})
             self.store.close()
         self._audit("proxy.stopped", pid=os.getpid())
         if self.state_dir is not None:
@@ -633,7 +645,8 @@ class Firewall:
             return True
         ex = self.windows.admit(d.agent, specs, time.time())
         if ex is None:
-            self._windows_changed()
+            # Action limits (deploys) are rare and costly: make them durable at once.
+            self._windows_changed(urgent=len(specs) > len(entry.requests))
             return True
         spec = ex.spec
         detail = limit_detail(ex)
@@ -702,10 +715,16 @@ class Firewall:
         else:
             self._audit("kill.written", agent=agent, revision=change.revision)
 
-    def _windows_changed(self) -> None:
+    def _windows_changed(self, urgent: bool = False) -> None:
         self._windows_dirty = True
-        if self._flush_timer is None and self.loop is not None:
-            self._flush_timer = self.loop.call_later(FLUSH_INTERVAL, self._flush_windows)
+        if self.loop is None:
+            return
+        if urgent and self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._flush_timer is None:
+            delay = 0.0 if urgent else FLUSH_INTERVAL
+            self._flush_timer = self.loop.call_later(delay, self._flush_windows)
         self._touch_live()
 
     def _flush_windows(self) -> None:
@@ -714,7 +733,8 @@ class Firewall:
         if not self._windows_dirty or self.store is None or self.loop is None:
             return
         self._windows_dirty = False
-        self.loop.run_in_executor(self.writer, self.store.save, "windows", self.windows.snapshot())
+        snap = {**self.windows.snapshot(), "saved_at": time.time(), "clean": False}
+        self.loop.run_in_executor(self.writer, self.store.save, "windows", snap)
 
     def _usage(self, now: float) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}

@@ -504,3 +504,33 @@ def _live_events(events: list[Any], longest: float, now: float) -> list[tuple[fl
         if t + longest > now:
             kept.append((min(t, now), amount))
     return kept
+
+
+def assume_lost(data: Mapping[str, Any], saved_at: float, interval: float) -> dict[str, Any]:
+    """A snapshot taken ``interval`` before an unclean stop, made to err on refusing.
+
+    Whatever was admitted after the last flush is lost with the process. We assume
+    the agent kept the pace of its last ``interval`` before that flush: each series
+    gets one extra event, dated ``saved_at``, of what it recorded in that interval.
+    Counts may then be slightly high for one window, never low. Garbage passes through
+    unchanged (``restore`` skips it).
+    """
+    out = dict(data)
+    entries = data.get("series")
+    if not isinstance(entries, list):
+        return out
+    patched: list[Any] = []
+    for entry in entries:
+        events = entry.get("events") if isinstance(entry, Mapping) else None
+        if not isinstance(events, list):
+            patched.append(entry)
+            continue
+        recent = 0.0
+        for ev in events:
+            if isinstance(ev, list | tuple) and len(ev) == 2:
+                t, a = _number(ev[0]), _number(ev[1])
+                if t is not None and a is not None and a > 0 and t > saved_at - interval:
+                    recent += a
+        patched.append({**entry, "events": [*events, [saved_at, recent]]} if recent else entry)
+    out["series"] = patched
+    return out

@@ -189,3 +189,28 @@ def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
         assert s.post(url, timeout=10).status_code == 429
     finally:
         proxy.stop()
+
+
+def test_a_crash_errs_on_the_side_of_refusing(world: World, tmp_path: Path) -> None:
+    rules, state = tmp_path / "rules", tmp_path / "state"
+    rules.mkdir()
+    (rules / "base.yaml").write_text(BASE)
+    (rules / "agents.yaml").write_text(agents())
+    url = f"{world.api.url}/v2/projects/c/services"
+    proxy = start_proxy(rules, state)
+    try:
+        s = session(proxy, BUILDER, BTOKEN)
+        assert s.post(url, timeout=10).status_code == 200  # 1 of 2
+        # A deploy is made durable at once, not at the next periodic flush.
+        wait_for(lambda: "actions.deploy" in (state / "state.json").read_text(), 5, "durable count")
+    finally:
+        proxy.proc.kill()  # SIGKILL: no clean shutdown, no final flush
+        proxy.proc.wait(10)
+    proxy = start_proxy(rules, state)
+    try:
+        # 1 recorded + 1 assumed lost in the last second before the crash = 2 = max.
+        r = session(proxy, BUILDER, BTOKEN).post(url, timeout=10)
+        assert r.status_code == 429
+        assert proxy.audit_events("limits.restored_after_crash")
+    finally:
+        proxy.stop()

@@ -506,3 +506,27 @@ def test_retry_after_header(seconds: float, header: str) -> None:
 def test_retry_after_header_rejects_non_finite(seconds: float) -> None:
     with pytest.raises(ValueError, match="retry_after_header: not a finite number"):
         retry_after_header(seconds)
+
+
+def test_assume_lost_adds_the_last_intervals_pace_once_per_series() -> None:
+    from axme_fw.limits import assume_lost
+
+    data = {
+        "version": 1,
+        "series": [
+            {
+                "agent": "a",
+                "key": "requests",
+                "longest": 60.0,
+                "events": [[10.0, 1.0], [99.5, 1.0], [99.9, 2.0]],
+            },
+            {"agent": "b", "key": "requests", "longest": 60.0, "events": [[10.0, 1.0]]},
+            "garbage",
+        ],
+    }
+    out = assume_lost(data, saved_at=100.0, interval=1.0)
+    assert out["series"][0]["events"][-1] == [100.0, 3.0]
+    assert out["series"][1]["events"] == [[10.0, 1.0]]  # idle in the last second: nothing assumed
+    assert out["series"][2] == "garbage"
+    w = Windows.restore(out, now=100.5)
+    assert w.used("a", "requests", 60.0, 100.5) == 6.0  # the event at t=10 has expired
