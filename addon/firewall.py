@@ -32,6 +32,15 @@ from mitmproxy.connection import Client
 # script, where relative imports fail; the installed package serves both ways.
 from axme_fw import audit as audit_mod
 from axme_fw import killswitch
+from axme_fw.cost import (
+    ApiKind,
+    Pricing,
+    PricingError,
+    StreamScanner,
+    detect_api,
+    load_pricing,
+    usage_from_json,
+)
 from axme_fw.limits import (
     Exceeded,
     LimitSpec,
@@ -40,8 +49,17 @@ from axme_fw.limits import (
     assume_lost,
     retry_after_header,
 )
+from axme_fw.meter import Call, Meter, Refused, cost_detail
 from axme_fw.policy import Decision, Facts, Verdict, decide
-from axme_fw.rules import EMPTY, Kill, Loader, RulesError, Ruleset, atomic_write
+from axme_fw.rules import (
+    EMPTY,
+    PRICING_FILE,
+    Kill,
+    Loader,
+    RulesError,
+    Ruleset,
+    atomic_write,
+)
 from axme_fw.state import LIVE_FILE, Store
 from axme_fw.watch import RulesWatcher
 from axme_fw.yamlnodes import format_duration
@@ -51,6 +69,8 @@ log = logging.getLogger(__name__)
 DECISION_HEADER = "X-Axme-Fw-Decision"
 INSTANCE_HEADER = "X-Agent-Instance"
 META_AGENT = "axme_fw.agent"
+META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
+META_CALL = "axme_fw.call"  # its meter.Call, once reserved
 RELEASE_STEP_TIMEOUT = 1.0
 
 
@@ -116,6 +136,49 @@ def limit_detail(ex: Exceeded) -> str:
         f"limits.{spec.key}: max {spec.max:g} per {format_duration(spec.per)} reached "
         f"({ex.used:g} used)"
     )
+
+
+def load_pricing_file(rules_dir: Path) -> Pricing | PricingError | None:
+    """``rules/pricing.yaml`` (None when absent: LLM calls of agents with a cost ceiling
+    are then refused as unpriced, since their spend cannot be known)."""
+    path = rules_dir / PRICING_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_pricing(path)
+    except PricingError as exc:
+        return exc
+    except OSError as exc:
+        return PricingError(f"{path}:1: cannot read: {exc}")
+
+
+def with_include_usage(body: bytes) -> bytes | None:
+    """A streamed chat completion body with ``stream_options.include_usage`` set, or None."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    opts = obj.get("stream_options")
+    obj["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return json.dumps(obj).encode()
+
+
+def _scanning(scanner: StreamScanner) -> Callable[[bytes], bytes]:
+    """A ``response.stream`` callable: feed the scanner, pass every byte on unchanged, at once.
+
+    Raising here would stall the client connection, so it never raises."""
+
+    def chunk(data: bytes) -> bytes:
+        if data:
+            try:
+                scanner.feed(data)
+            except Exception:
+                log.exception("axme-fw: usage scanner failed on a chunk")
+        return data
+
+    return chunk
 
 
 def with_kill(rules: Ruleset, kill: Kill) -> Ruleset:
@@ -243,6 +306,7 @@ class Firewall:
         self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
         # Limits: the hot path is in memory; the durable copy is flushed off the loop.
         self.windows = Windows()
+        self.meter = Meter(self.windows, None)
         self.specs: dict[str, AgentSpecs] = {}
         self.pending_kills: dict[str, Kill] = {}  # auto-kills not yet seen in kill.yaml
         self.store: Store | None = None
@@ -269,6 +333,10 @@ class Firewall:
                 # At start-up there are no last good rules: refuse to start (fail closed).
                 raise ValueError("axme-fw: invalid rules:\n" + str(exc)) from None
             self._install(rules, initial=True)
+            loaded = load_pricing_file(self.loader.directory)
+            if isinstance(loaded, PricingError):
+                raise ValueError(f"axme-fw: invalid pricing: {loaded}")
+            self.meter.pricing = loaded
         if "axme_state" in updated or self.state_dir is None:
             self.state_dir = Path(ctx.options.axme_state)
             self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +352,7 @@ class Firewall:
                     saved = assume_lost(saved, float(at), FLUSH_INTERVAL)
                     self._audit("limits.restored_after_crash", saved_at=at)
                 self.windows = Windows.restore(saved, time.time())
+                self.meter.windows = self.windows
 
     def running(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -326,13 +395,26 @@ class Firewall:
         assert self.loop is not None and self.loader is not None
         self._reloading = True
         started = time.monotonic()
-        future = self.loop.run_in_executor(None, self.loader.load)
+        loader = self.loader
+
+        def load_both() -> tuple[Ruleset, Pricing | PricingError | None]:
+            return loader.load(), load_pricing_file(loader.directory)
+
+        future = self.loop.run_in_executor(None, load_both)
         future.add_done_callback(functools.partial(self._reloaded, started))
 
-    def _reloaded(self, started: float, future: asyncio.Future[Ruleset]) -> None:
+    def _reloaded(
+        self, started: float, future: asyncio.Future[tuple[Ruleset, Pricing | PricingError | None]]
+    ) -> None:
         self._reloading = False
         try:
-            rules = future.result()
+            rules, pricing = future.result()
+            if isinstance(pricing, PricingError):
+                log.error("axme-fw: pricing rejected, keeping the last good prices: %s", pricing)
+                self._audit("rules.rejected", errors=[str(pricing)], kept="pricing")
+            elif pricing != self.meter.pricing:
+                self.meter.pricing = pricing
+                self._audit("pricing.reloaded", models=len(pricing.prices) if pricing else 0)
         except RulesError as exc:
             log.error("axme-fw: rules rejected, keeping the last good rules:\n%s", exc)
             self._audit("rules.rejected", errors=exc.messages[:50], kept=self.rules.digest)
@@ -529,21 +611,67 @@ class Firewall:
                 return
             self._track(cid, d.agent)
             self.inflight.setdefault(cid, set()).add(flow)
+            kind = detect_api(flow.request.method, flow.request.path)
+            if kind is not None:
+                flow.metadata[META_LLM] = kind
+                # We read usage from the response: ask for it uncompressed.
+                flow.request.headers["accept-encoding"] = "identity"
+
+    @_fail_closed
+    def request(self, flow: http.HTTPFlow) -> None:
+        """LLM calls: reserve the worst-case cost before the request is sent."""
+        kind = flow.metadata.get(META_LLM)
+        agent = flow.metadata.get(META_AGENT)
+        if kind is None or agent is None or flow.response is not None:
+            return
+        entry = self.specs.get(agent)
+        spec = entry.cost if entry is not None else None
+        body = flow.request.get_content(strict=False) or b""
+        got = self.meter.begin(agent, kind, flow.request.path, body, spec, time.time())
+        if isinstance(got, Refused):
+            if self.rules.defaults.mode == "report":
+                self._audit("cost.would_refuse", agent=agent, reason=got.reason, detail=got.detail)
+                return
+            if got.exceeded is not None:
+                self._exceeded(flow, agent, got.exceeded, got.detail)
+            else:
+                flow.response = refusal(403, got.reason, agent, got.detail)
+                self._audit("cost.refused", agent=agent, reason=got.reason, detail=got.detail)
+            return
+        flow.metadata[META_CALL] = got
+        if kind is ApiKind.OPENAI_CHAT and got.estimate.stream and not got.estimate.include_usage:
+            # Streamed chat completions report usage only when asked to: ask (documented).
+            patched = with_include_usage(body)
+            if patched is not None:
+                flow.request.set_content(patched)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         try:
             resp = flow.response
-            if resp is not None and resp.headers.get("content-type", "").startswith(
-                "text/event-stream"
-            ):
+            if resp is None:
+                return
+            sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            call = flow.metadata.get(META_CALL)
+            if call is not None and (sse or call.kind is ApiKind.GEMINI_STREAM):
+                call.scanner = StreamScanner(
+                    call.kind, resp.headers.get("content-encoding"), call.path_model
+                )
+                resp.stream = _scanning(call.scanner)
+            elif sse:
                 resp.stream = True  # never buffer a stream: pass each chunk on at once
-        except Exception:  # streaming is an optimisation; never fatal
+        except Exception:  # streaming and metering must never break the flow
             log.exception("axme-fw: responseheaders failed")
 
     def response(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META_CALL)
+        if call is not None:
+            self._meter_end(flow, call, complete=True)
         self._finished(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        call = flow.metadata.get(META_CALL)
+        if call is not None:
+            self._meter_end(flow, call, complete=False)
         if flow.client_conn.id in self.awaiting:
             self._release_step_done(flow.client_conn.id)
         self._finished(flow)
@@ -659,20 +787,79 @@ class Firewall:
             flow,
             dataclasses.replace(d, verdict=Verdict.DENY, reason="limit_exceeded", detail=detail),
         )
+        self._exceeded(flow, d.agent, ex, detail)
+        return False
+
+    def _exceeded(self, flow: http.HTTPFlow, agent: str, ex: Exceeded, detail: str) -> None:
+        """Refuse ``flow`` for a limit, then apply the limit's ``on_exceed``."""
+        spec = ex.spec
         if spec.on_exceed is OnExceed.THROTTLE:
             retry = retry_after_header(ex.retry_after)
             flow.response = refusal(
-                429, "limit_exceeded", d.agent, detail, extra_headers={"Retry-After": retry}
+                429, "limit_exceeded", agent, detail, extra_headers={"Retry-After": retry}
             )
             self._audit(
-                "limit.throttled", agent=d.agent, rule=f"limits.{spec.key}", retry_after=retry
+                "limit.throttled", agent=agent, rule=f"limits.{spec.key}", retry_after=retry
             )
-            return False
-        flow.response = refusal(403, "limit_exceeded", d.agent, detail)
-        self._auto_kill(
-            d.agent, "park" if spec.on_exceed is OnExceed.PARK else "block", spec, detail
-        )
-        return False
+            return
+        flow.response = refusal(403, "limit_exceeded", agent, detail)
+        self._auto_kill(agent, "park" if spec.on_exceed is OnExceed.PARK else "block", spec, detail)
+
+    def _meter_end(self, flow: http.HTTPFlow, call: Call, complete: bool) -> None:
+        """Settle an LLM call with what its response said; never raises."""
+        try:
+            resp = flow.response
+            if resp is not None and resp.status_code >= 400:
+                usage, sent = None, False  # an error answer costs nothing
+            else:
+                usage = None
+                if call.scanner is not None:
+                    usage = call.scanner.finish(complete)
+                elif resp is not None and complete:
+                    usage = usage_from_json(
+                        call.kind,
+                        resp.raw_content or b"",
+                        call.path_model,
+                        resp.headers.get("content-encoding"),
+                    )
+                # Sent but no usage seen: charged as partial, never silently free.
+                sent = resp is not None or flow.server_conn.timestamp_tcp_setup is not None
+            now = time.time()
+            result = self.meter.settle(call, usage, sent, now)
+            self._windows_changed()
+            if result.usage is not None:
+                u = result.usage
+                self._audit(
+                    "llm.usage",
+                    agent=call.agent,
+                    api=call.kind.value,
+                    model=u.model,
+                    input=u.input_tokens,
+                    output=u.output_tokens,
+                    cached_input=u.cached_input_tokens,
+                    cache_write=u.cache_write_tokens,
+                    usd=round(result.usd, 6),
+                    partial=u.partial,
+                    unpriced=result.unpriced,
+                )
+            if result.warn and call.spec is not None:
+                self._audit(
+                    "budget.warning",
+                    agent=call.agent,
+                    rule="limits.cost_usd",
+                    warn_at=call.spec.warn_at,
+                    max=call.spec.max,
+                )
+            crossed = result.crossed
+            if (
+                crossed is not None
+                and crossed.spec.on_exceed is not OnExceed.THROTTLE
+                and self.rules.kill_for(call.agent) is None
+            ):
+                mode = "park" if crossed.spec.on_exceed is OnExceed.PARK else "block"
+                self._auto_kill(call.agent, mode, crossed.spec, cost_detail(crossed))
+        except Exception:
+            log.exception("axme-fw: metering failed for a call of %s", call.agent)
 
     def _auto_kill(self, agent: str, mode: str, spec: LimitSpec, detail: str) -> None:
         """Kill (or pause) ``agent`` now, in memory, and record it in kill.yaml off the loop.

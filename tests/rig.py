@@ -196,6 +196,10 @@ class Proxy:
     def ca(self) -> Path:
         return self.state / "mitmproxy-ca-cert.pem"
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context that trusts the proxy's CA (what SSL_CERT_FILE gives a process)."""
+        return ssl.create_default_context(cafile=str(self.ca))
+
     def url(self, agent: str | None, token: str | None) -> str:
         if agent is None:
             return f"http://127.0.0.1:{self.port}"

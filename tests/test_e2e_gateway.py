@@ -335,7 +335,7 @@ def test_audit_cli_filters_by_agent_and_json(world) -> None:
 def test_httpx_keepalive_client_sees_kill_inside_tunnel(world) -> None:
     proxy, _plain, tls = world
     with httpx.Client(
-        proxy=proxy.url(DEPLOYER, DTOKEN), verify=str(proxy.ca), trust_env=False
+        proxy=proxy.url(DEPLOYER, DTOKEN), verify=proxy.ssl_context(), trust_env=False
     ) as c:
         assert c.get(f"{tls.url}/a").status_code == 200
         proxy.cli("kill", DEPLOYER, "--reason", "inside tunnel")
