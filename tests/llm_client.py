@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import anthropic
 import httpx
 import openai
 
-MESSAGES = [{"role": "user", "content": "deploy it"}]
+MESSAGES: Any = [{"role": "user", "content": "deploy it"}]
 
 
 def main() -> None:
@@ -32,14 +33,14 @@ def main() -> None:
                 oc.chat.completions.create(
                     model=model,
                     messages=MESSAGES,
-                    max_tokens=2000,  # type: ignore[arg-type]
+                    max_tokens=2000,
                     extra_headers=headers,
                 )
             else:
                 stream = oc.chat.completions.create(
                     model=model,
                     messages=MESSAGES,
-                    max_tokens=2000,  # type: ignore[arg-type]
+                    max_tokens=2000,
                     stream=True,
                     extra_headers=headers,
                 )
@@ -51,14 +52,14 @@ def main() -> None:
                 ac.messages.create(
                     model=model,
                     max_tokens=2000,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     extra_headers=headers,
                 )
             else:
                 with ac.messages.stream(
                     model=model,
                     max_tokens=2000,
-                    messages=MESSAGES,  # type: ignore[arg-type]
+                    messages=MESSAGES,
                     extra_headers=headers,
                 ) as s:
                     for _ in s.text_stream:

@@ -38,7 +38,9 @@ actions:
 def agents(capped_max: float = 0.05) -> str:
     return agents_yaml(
         {"spender": ("tok-s", ["llm"]), "capped": ("tok-c", ["llm"]), "burst": ("tok-b", ["llm"])},
-        capped=f"limits:\n  cost_usd: {{max: {capped_max}, per: 1d, on_exceed: kill, warn_at: 0.5}}",
+        capped=(
+            f"limits:\n  cost_usd: {{max: {capped_max}, per: 1d, on_exceed: kill, warn_at: 0.5}}"
+        ),
         burst="limits:\n  cost_usd: {max: 0.42, per: 1d, on_exceed: throttle}",
     )
 
