@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -123,32 +124,28 @@ def run(
 # ---------------------------------------------------------------- kill / pause / resume
 
 
-def _wait(state_dir: Path, revision: int, no_wait: bool, verb: str) -> None:
+def _wait(state_dir: Path, revision: int, no_wait: bool, verb: str, written: float) -> None:
+    """Wait for the proxy to acknowledge ``revision``; ``written`` is when the write began."""
     if no_wait:
         click.echo(f"{verb} written (revision {revision}); not waiting for the proxy")
         return
-    import time
-
-    start = time.monotonic()
     ack = killswitch.wait_enforced(state_dir, revision, timeout=2.0)
     if ack is None:
         fail(
             f"{verb} written to the kill list (revision {revision}), but no running proxy "
             f"confirmed it within 2 s; it takes effect when a proxy reads {state_dir}"
         )
-    ms = (time.monotonic() - start) * 1000
+    ms = (time.monotonic() - written) * 1000
     where = ", ".join(ack.get("listen") or []) or f"pid {ack.get('pid')}"
-    click.echo(f"{verb}: enforced by the proxy on {where} after {ms:.0f} ms")
+    click.echo(f"{verb}: enforced by the proxy on {where} {ms:.0f} ms after the write")
 
 
 def _kill(
     rules_dir: Path, state_dir: Path, agent: str, mode: str, reason: str, no_wait: bool
 ) -> None:
-    rules = load_rules(rules_dir)
-    if not any(c in agent for c in "*?[") and agent not in rules.agents:
-        click.echo(
-            f"axme-fw: warning: no agent {agent!r} in the rules; killing it anyway", err=True
-        )
+    # Write first: checking the name needs the whole rule set parsed, which can take a
+    # while on 10,000 agents, and a kill must not wait for a warning.
+    written = time.monotonic()
     try:
         change = killswitch.kill(rules_dir, agent, mode, reason, who())
     except (killswitch.KillFileError, OSError) as exc:
@@ -157,9 +154,20 @@ def _kill(
     audit_mod.append(
         state_dir, event, agent=agent, mode=mode, reason=reason, by=who(), revision=change.revision
     )
-    _wait(
-        state_dir, change.revision, no_wait, f"{'paused' if mode == 'park' else 'killed'} {agent}"
-    )
+    verb = f"{'paused' if mode == 'park' else 'killed'} {agent}"
+    try:
+        _wait(state_dir, change.revision, no_wait, verb, written)
+    finally:
+        if not any(c in agent for c in "*?[") and not _defined(rules_dir, agent):
+            click.echo(f"axme-fw: warning: no agent {agent!r} in the rules", err=True)
+
+
+def _defined(rules_dir: Path, agent: str) -> bool:
+    """Whether ``agent`` is in the rules (True when they cannot be read: no false alarm)."""
+    try:
+        return agent in Loader(rules_dir).load().agents
+    except RulesError:
+        return True
 
 
 NO_WAIT = click.option("--no-wait", is_flag=True, help="Do not wait for the proxy to confirm.")
@@ -207,6 +215,7 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
 
     Example: axme-fw resume deployer --reason "fixed the loop"
     """
+    written = time.monotonic()
     try:
         change = killswitch.resume(rules_dir, agent)
     except (killswitch.KillFileError, OSError) as exc:
@@ -221,7 +230,7 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
     audit_mod.append(
         state_dir, "agent.resumed", agent=agent, reason=reason, by=who(), revision=change.revision
     )
-    _wait(state_dir, change.revision, no_wait, f"resumed {agent}")
+    _wait(state_dir, change.revision, no_wait, f"resumed {agent}", written)
 
 
 # ---------------------------------------------------------------- status

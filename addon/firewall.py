@@ -53,6 +53,7 @@ from axme_fw.meter import Call, Meter, Refused, cost_detail
 from axme_fw.policy import Decision, Facts, Verdict, decide
 from axme_fw.rules import (
     EMPTY,
+    KILL_FILE,
     PRICING_FILE,
     Kill,
     Loader,
@@ -182,10 +183,8 @@ def _scanning(scanner: StreamScanner) -> Callable[[bytes], bytes]:
 
 
 def with_kill(rules: Ruleset, kill: Kill) -> Ruleset:
-    """``rules`` with ``kill`` first in the kill list (indices rebuilt, ``rules`` untouched)."""
-    return dataclasses.replace(
-        rules, kills=(kill, *rules.kills), _kill_exact={}, _kill_globs=(), _addresses={}
-    )
+    """``rules`` with ``kill`` first in the kill list."""
+    return rules.with_kills((kill, *rules.kills))
 
 
 def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
@@ -387,12 +386,26 @@ class Firewall:
 
     # ------------------------------------------------------------ rules
 
-    def reload(self) -> None:
-        """Re-read the rules off the loop; swap on the loop; keep the old ones if invalid."""
+    def reload(self, changed: frozenset[str] = frozenset()) -> None:
+        """Re-read the rules off the loop; swap on the loop; keep the old ones if invalid.
+
+        A change to kill.yaml alone takes a fast path on the loop (parse one small file,
+        no thread hop): a kill must not wait behind a 10,000-agent merge or the GIL.
+        """
+        assert self.loop is not None and self.loader is not None
+        if changed == {KILL_FILE} and not self._reloading:
+            started = time.monotonic()
+            try:
+                rules = self.loader.load_kills(self.rules)
+            except RulesError as exc:
+                self._rejected(exc)
+                return
+            if rules is not None:
+                self._swap(rules, started)
+                return
         if self._reloading:
             self._reload_again = True
             return
-        assert self.loop is not None and self.loader is not None
         self._reloading = True
         started = time.monotonic()
         loader = self.loader
@@ -416,22 +429,27 @@ class Firewall:
                 self.meter.pricing = pricing
                 self._audit("pricing.reloaded", models=len(pricing.prices) if pricing else 0)
         except RulesError as exc:
-            log.error("axme-fw: rules rejected, keeping the last good rules:\n%s", exc)
-            self._audit("rules.rejected", errors=exc.messages[:50], kept=self.rules.digest)
+            self._rejected(exc)
         except Exception as exc:  # unexpected: keep the last good rules, say so
             log.exception("axme-fw: rules reload failed; keeping the last good rules")
             self._audit("rules.rejected", errors=[repr(exc)], kept=self.rules.digest)
         else:
-            if rules.digest != self.rules.digest:
-                self._install(rules)
-                ms = round((time.monotonic() - started) * 1000, 2)
-                self._audit(
-                    "rules.reloaded", rules=rules.digest, revision=rules.kill_revision, ms=ms
-                )
-                self._write_enforced()
+            self._swap(rules, started)
         if self._reload_again:
             self._reload_again = False
             self.reload()
+
+    def _rejected(self, exc: RulesError) -> None:
+        log.error("axme-fw: rules rejected, keeping the last good rules:\n%s", exc)
+        self._audit("rules.rejected", errors=exc.messages[:50], kept=self.rules.digest)
+
+    def _swap(self, rules: Ruleset, started: float) -> None:
+        if rules.digest == self.rules.digest:
+            return
+        self._install(rules)
+        ms = round((time.monotonic() - started) * 1000, 2)
+        self._audit("rules.reloaded", rules=rules.digest, revision=rules.kill_revision, ms=ms)
+        self._write_enforced()
 
     def _install(self, rules: Ruleset, initial: bool = False, spare: str | None = None) -> None:
         """Swap in ``rules``; cut in-flight work of newly killed agents (except ``spare``)."""

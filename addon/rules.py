@@ -13,6 +13,7 @@ size and mtime would miss an in-place edit of the same size within one mtime tic
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -181,6 +182,17 @@ class Ruleset:
         for agent in self.agents.values():
             for address in agent.addresses:
                 self._addresses[address.lower()] = agent.name
+
+    def with_kills(self, kills: tuple[Kill, ...], **changes: object) -> Ruleset:
+        """A copy with another kill list (indices rebuilt; ``self`` is left untouched)."""
+        return dataclasses.replace(
+            self,
+            kills=kills,
+            _kill_exact={},
+            _kill_globs=(),
+            _addresses={},
+            **changes,  # type: ignore[arg-type]
+        )
 
     def kill_for(self, agent: str) -> Kill | None:
         """The first kill entry matching ``agent`` (exact names win over globs)."""
@@ -487,6 +499,44 @@ class Loader:
             parts.append((str(path), part))
         self._cache = fresh
         return merge(parts)
+
+    def load_kills(self, current: Ruleset) -> Ruleset | None:
+        """Fast path after a change to ``kill.yaml`` alone: re-read only that file.
+
+        Returns ``current`` with the new kill list and revision, or None when a full
+        :meth:`load` is needed (no previous load, or kill.yaml holds more than kills).
+        Raises :class:`RulesError` when kill.yaml is invalid. A kill must not wait for
+        10,000 agents to be merged again: this is O(kill list).
+        """
+        path = self.directory / KILL_FILE
+        if not self._cache:
+            return None
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        except OSError as exc:
+            raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
+        try:
+            part = parse_file(path, raw.decode("utf-8"), str(path))
+        except UnicodeDecodeError as exc:
+            raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
+        if part.errors:
+            raise RulesError(part.errors)
+        if part.defaults or part.actions or part.agents or part.alerts or part.invalid_actions:
+            return None
+        cache = {k: v for k, v in self._cache.items() if k != path}
+        if raw:
+            cache[path] = (hashlib.sha256(raw).digest(), part)
+        self._cache = dict(sorted(cache.items()))
+        kills: list[Kill] = []
+        revision = 0
+        digest = hashlib.sha256()
+        for p, (_sha, fp) in self._cache.items():
+            digest.update(str(p).encode() + b"\0" + fp.digest + b"\0")
+            kills.extend(fp.kills)
+            revision = max(revision, fp.kill_revision)
+        return current.with_kills(tuple(kills), kill_revision=revision, digest=digest.hexdigest())
 
 
 def load_dir(directory: Path) -> Ruleset:

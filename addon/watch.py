@@ -36,26 +36,35 @@ def is_rules_file(path: str | bytes) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, notify: Callable[[], None]) -> None:
+    def __init__(self, notify: Callable[[frozenset[str]], None]) -> None:
         self._notify = notify
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if not isinstance(event, _RELEVANT):
             return
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
-        if any(p and is_rules_file(p) for p in paths):
-            self._notify()
+        names = frozenset(_name(p) for p in paths if p and is_rules_file(p))
+        if names:
+            self._notify(names)
+
+
+def _name(path: str | bytes) -> str:
+    return Path(path if isinstance(path, str) else path.decode()).name
 
 
 class RulesWatcher:
-    """Calls ``on_change()`` on ``loop`` after relevant changes in ``directory``."""
+    """Calls ``on_change(names)`` on ``loop`` after changes in ``directory``; ``names`` are the
+    file names changed since the previous call (coalesced)."""
 
     def __init__(
-        self, directory: Path, loop: asyncio.AbstractEventLoop, on_change: Callable[[], None]
+        self,
+        directory: Path,
+        loop: asyncio.AbstractEventLoop,
+        on_change: Callable[[frozenset[str]], None],
     ) -> None:
         self._loop = loop
         self._on_change = on_change
-        self._pending = False
+        self._pending: set[str] = set()
         self._observer = Observer()
         self._observer.schedule(_Handler(self._from_thread), str(directory), recursive=False)
 
@@ -67,17 +76,17 @@ class RulesWatcher:
         self._observer.stop()
         self._observer.join(timeout=2)
 
-    def _from_thread(self) -> None:
+    def _from_thread(self, names: frozenset[str]) -> None:
         # Called on watchdog's thread: only hop; never touch proxy state here.
         with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            self._loop.call_soon_threadsafe(self._fire)
+            self._loop.call_soon_threadsafe(self._fire, names)
 
-    def _fire(self) -> None:
-        if self._pending:
-            return
-        self._pending = True
-        self._loop.call_soon(self._run)
+    def _fire(self, names: frozenset[str]) -> None:
+        first = not self._pending
+        self._pending |= names
+        if first:
+            self._loop.call_soon(self._run)
 
     def _run(self) -> None:
-        self._pending = False
-        self._on_change()
+        names, self._pending = frozenset(self._pending), set()
+        self._on_change(names)

@@ -346,3 +346,25 @@ def test_httpx_keepalive_client_sees_kill_inside_tunnel(world) -> None:
         finally:
             proxy.cli("resume", DEPLOYER)
         assert c.get(f"{tls.url}/c").status_code == 200
+
+
+def test_a_broken_kill_file_is_refused_and_the_last_good_kill_list_stays(world) -> None:
+    proxy, plain, _tls = world
+    url = f"{plain.url}/kf"
+    proxy.cli("kill", DEPLOYER, "--reason", "before the break")
+    kill_file = proxy.rules / "kill.yaml"
+    good = kill_file.read_text()
+    rejected = len(proxy.audit_events("rules.rejected"))
+    try:
+        replace_file(kill_file, "kills:\n  - agent: [deployer\n")
+        wait_for(lambda: len(proxy.audit_events("rules.rejected")) > rejected, 10, "rejection")
+        r = get(proxy, DEPLOYER, DTOKEN, url)
+        assert r.status_code == 403 and r.json()["reason"] == "before the break"
+        # The CLI refuses to rewrite a kill list it cannot read, and says where.
+        res = proxy.cli("resume", DEPLOYER, check=False)
+        assert res.returncode == 1
+        assert f"{kill_file}:" in res.stderr
+    finally:
+        replace_file(kill_file, good)
+        proxy.cli("resume", DEPLOYER)
+    assert get(proxy, DEPLOYER, DTOKEN, url).status_code == 200
