@@ -106,7 +106,7 @@ def run(
 
     Example: axme-fw run --rules rules --state state --listen-port 8080
     """
-    from .firewall import serve  # imports mitmproxy: only for this command
+    from .runner import serve  # imports mitmproxy: only for this command
 
     load_rules(rules_dir)  # a readable error before mitmproxy starts
     state_dir.mkdir(parents=True, exist_ok=True)

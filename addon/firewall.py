@@ -10,8 +10,6 @@ exception into a 403 ``internal_error`` refusal.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import concurrent.futures
 import dataclasses
 import functools
@@ -20,7 +18,6 @@ import logging
 import os
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from mitmproxy.connection import Client
 # script, where relative imports fail; the installed package serves both ways.
 from axme_fw import audit as audit_mod
 from axme_fw import killswitch
+from axme_fw.answers import refusal
 from axme_fw.cost import (
     ApiKind,
     Pricing,
@@ -41,6 +39,8 @@ from axme_fw.cost import (
     load_pricing,
     usage_from_json,
 )
+from axme_fw.identity import INSTANCE_HEADER, parse_proxy_auth
+from axme_fw.inflight import cut_clients
 from axme_fw.limits import (
     Exceeded,
     LimitSpec,
@@ -50,6 +50,7 @@ from axme_fw.limits import (
     retry_after_header,
 )
 from axme_fw.meter import Call, Meter, Refused, cost_detail
+from axme_fw.parking import ParkingLot
 from axme_fw.policy import Decision, Facts, Verdict, decide
 from axme_fw.rules import (
     EMPTY,
@@ -67,35 +68,9 @@ from axme_fw.yamlnodes import format_duration
 
 log = logging.getLogger(__name__)
 
-DECISION_HEADER = "X-Axme-Fw-Decision"
-INSTANCE_HEADER = "X-Agent-Instance"
 META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
 META_CALL = "axme_fw.call"  # its meter.Call, once reserved
-RELEASE_STEP_TIMEOUT = 1.0
-
-
-def refusal(
-    status: int,
-    reason: str,
-    agent: str | None,
-    detail: str = "",
-    kill: Kill | None = None,
-    extra_headers: dict[str, str] | None = None,
-) -> http.Response:
-    """The JSON refusal every client sees: ``{"error", "agent", "reason", "by", "at"}``."""
-    body = {
-        "error": reason,
-        "agent": agent,
-        "reason": kill.reason if kill is not None and not detail else detail,
-        "by": kill.by if kill is not None else "axme-fw",
-        "at": kill.at if kill is not None else audit_mod.now_iso(),
-    }
-    headers = {"Content-Type": "application/json", DECISION_HEADER: reason}
-    if status == 407:
-        headers["Proxy-Authenticate"] = 'Basic realm="axme-fw"'
-    headers.update(extra_headers or {})
-    return http.Response.make(status, json.dumps(body).encode() + b"\n", headers)
 
 
 FLUSH_INTERVAL = 1.0
@@ -206,78 +181,6 @@ def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _write_to_client(handler: Any, flow: http.HTTPFlow, response: http.Response) -> None:
-    """Answer an HTTP/1 request that is waiting on upstream, before its connection is cut.
-
-    mitmproxy has no public way to answer a flow already sent upstream. For HTTP/1 the
-    answer is plain bytes on the client connection: written as is, or through the
-    client-side TLS session for an intercepted tunnel. Internal API (checked against
-    mitmproxy 12.3 and covered by an e2e test); when anything is off, the caller still
-    cuts the connection, so the fallback is a closed connection, never a forwarded flow.
-    """
-    from mitmproxy.net.http.http1 import assemble_response
-    from mitmproxy.proxy.layers.tls import ClientTLSLayer
-
-    if not flow.request.http_version.startswith("HTTP/1"):
-        return
-    try:
-        writer = handler.transports[handler.client].writer
-        data = assemble_response(response)
-        if not flow.client_conn.tls:
-            writer.write(data)
-            return
-        layer = _find_layer(
-            handler.layer, lambda x: isinstance(x, ClientTLSLayer) and x.conn is handler.client
-        )
-        if layer is None or layer.tls is None:
-            return
-        layer.tls.sendall(data)
-        out = bytearray()
-        while True:
-            try:
-                chunk = layer.tls.bio_read(65535)
-            except Exception:  # SSL.WantReadError: nothing more buffered
-                break
-            if not chunk:
-                break
-            out.extend(chunk)
-        writer.write(bytes(out))
-    except Exception:
-        log.warning("axme-fw: could not answer an in-flight flow before cutting it", exc_info=True)
-
-
-def _find_layer(root: Any, match: Callable[[Any], bool]) -> Any:
-    """Search mitmproxy's layer tree (NextLayer.layer, child_layer, HttpLayer streams)."""
-    todo, seen = [root], set()
-    while todo:
-        layer = todo.pop()
-        if layer is None or id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        if match(layer):
-            return layer
-        todo += [getattr(layer, "layer", None), getattr(layer, "child_layer", None)]
-        todo += list(getattr(layer, "streams", {}).values())
-        # Some layers (modes.HttpProxy) keep their child only as a bound handler.
-        for name in ("_handle_event", "_handle"):
-            todo.append(getattr(getattr(layer, name, None), "__self__", None))
-    return None
-
-
-def parse_proxy_auth(value: str) -> tuple[str, str] | None:
-    """``Basic base64(user:pass)`` → ``(user, pass)``; None when absent or malformed."""
-    scheme, _, encoded = value.partition(" ")
-    if scheme.lower() != "basic" or not encoded:
-        return None
-    try:
-        user, sep, password = (
-            base64.b64decode(encoded.strip(), validate=True).decode().partition(":")
-        )
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return (user, password) if sep and user else None
-
-
 class Firewall:
     name = "axme_fw"
 
@@ -295,12 +198,9 @@ class Firewall:
         self.live: dict[str, set[str]] = {}  # agent → client ids with work in progress
         self.inflight: dict[str, set[http.HTTPFlow]] = {}  # client id → flows in progress
         self.passthrough: set[str] = set()  # CONNECT tunnels with no request seen inside (yet)
-        self.parked: dict[str, deque[http.HTTPFlow]] = {}  # agent → held flows, arrival order
-        self.releasing: dict[str, deque[http.HTTPFlow]] = {}  # agent → flows being released
-        self.awaiting: dict[str, str] = {}  # client id of the flow being released → agent
+        self.lot = ParkingLot(self._audit, self._touch_live, self._park_limits)
         self._reloading = False
         self._reload_again = False
-        self._park_timer: asyncio.TimerHandle | None = None
         self._live_timer: asyncio.TimerHandle | None = None
         self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
         # Limits: the hot path is in memory; the durable copy is flushed off the loop.
@@ -354,7 +254,7 @@ class Firewall:
                 self.meter.windows = self.windows
 
     def running(self) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = self.lot.loop = asyncio.get_running_loop()
 
         if self.loader is not None:
             self.watcher = RulesWatcher(self.loader.directory, self.loop, self.reload)
@@ -367,10 +267,7 @@ class Firewall:
             self.watcher.stop()
         # Parked flows are not answered for us: answer 503 (never forward, never hang),
         # then give their connections a moment to send it before the loop stops.
-        held = (*self.parked.values(), *self.releasing.values())
-        self._closing = {f.client_conn.id for q in held for f in q}
-        for agent in {*self.parked, *self.releasing}:
-            self._answer_parked(agent, 503, "proxy_shutdown", "the proxy is shutting down")
+        self._closing = self.lot.answer_all(503, "proxy_shutdown", "the proxy is shutting down")
         deadline = time.monotonic() + 3.0
         while self._closing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -485,12 +382,12 @@ class Firewall:
                     cut=cut,
                     revision=rules.kill_revision,
                 )
-        for agent in list(self.parked):
+        for agent in self.lot.agents():
             kill = rules.kill_for(agent)
             if kill is None:
-                self._release(agent)
+                self.lot.release(agent)
             elif kill.mode == "block":
-                self._answer_parked(agent, 403, "agent_killed", kill.reason, kill)
+                self.lot.answer(agent, 403, "agent_killed", kill.reason, kill)
 
     def _write_enforced(self) -> None:
         if self.state_dir is None or self.loop is None:
@@ -523,8 +420,7 @@ class Firewall:
         data = {
             "pid": os.getpid(),
             "at": audit_mod.now_iso(),
-            "parked": {a: len(q) for a, q in self.parked.items() if q},
-            "releasing": {a: len(q) for a, q in self.releasing.items() if q},
+            "parked": self.lot.counts(),
             "limits": self._usage(time.time()),
         }
         self.loop.run_in_executor(
@@ -579,7 +475,7 @@ class Firewall:
             flow.response = refusal(407, d.reason, None, d.detail)
         elif d.verdict is Verdict.PARK:  # a passthrough CONNECT parks the tunnel itself
             assert d.agent is not None
-            self._park(flow, d.agent)
+            self.lot.park(flow, d.agent)
         else:
             flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
         return False
@@ -690,8 +586,8 @@ class Firewall:
         call = flow.metadata.get(META_CALL)
         if call is not None:
             self._meter_end(flow, call, complete=False)
-        if flow.client_conn.id in self.awaiting:
-            self._release_step_done(flow.client_conn.id)
+        if flow.client_conn.id in self.lot.awaiting:
+            self.lot.step_done(flow.client_conn.id)
         self._finished(flow)
 
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -723,30 +619,20 @@ class Firewall:
                 conns.discard(cid)
                 if not conns:
                     del self.live[agent]
-        for queues in (self.parked, self.releasing):
-            for queue in queues.values():
-                for flow in [f for f in queue if f.client_conn.id == cid]:
-                    queue.remove(flow)  # forget it: it must never reach upstream later
-                    flow.resume()
-                    flow.kill()
-                    self._touch_live()
-        if cid in self.awaiting:
-            self._release_step_done(cid)
+        self.lot.forget(cid)
 
     def _track(self, cid: str, agent: str) -> None:
         if self.conn_agent.get(cid) != agent:
             self.conn_agent[cid] = agent
             self.live.setdefault(agent, set()).add(cid)
 
-    # ------------------------------------------------------------ cutting in-flight work
+    # ------------------------------------------------------------ in-flight work and parking
 
     def cut(self, agent: str, kill: Kill) -> int:
         """End every client connection of ``agent`` with work in progress; returns how many.
 
-        ``flow.kill()`` does not stop a flow in transit (mitmproxy #4711), so this
-        cancels the connection handler, as mitmproxy's own idle timeout does. A request
-        still waiting for its response is first answered with the JSON 403. Idle
-        keep-alive connections stay open: their next request is refused with 403.
+        A request still waiting for its response is first answered with the JSON 403.
+        Idle keep-alive connections stay open: their next request is refused with 403.
         """
         targets = {
             cid
@@ -755,24 +641,23 @@ class Firewall:
         }
         if not targets:
             return 0
-        proxyserver = ctx.master.addons.get("proxyserver")
-        cut = 0
-        for handler in list(getattr(proxyserver, "connections", {}).values()):
-            cid = handler.client.id
-            if cid not in targets:
-                continue
-            io = handler.transports.get(handler.client)
-            if io is None or io.handler is None:
-                continue
+
+        def answer(cid: str) -> tuple[http.HTTPFlow, http.Response] | None:
             waiting = [f for f in self.inflight.get(cid, ()) if f.response is None]
-            if len(waiting) == 1 and waiting[0].websocket is None:
-                answer = refusal(
-                    403, "agent_killed", agent, kill.reason, kill, {"Connection": "close"}
-                )
-                _write_to_client(handler, waiting[0], answer)
-            io.handler.cancel("axme-fw: agent killed")
-            cut += 1
-        return cut
+            if len(waiting) != 1 or waiting[0].websocket is not None:
+                return None
+            headers = {"Connection": "close"}
+            return waiting[0], refusal(403, "agent_killed", agent, kill.reason, kill, headers)
+
+        return cut_clients(targets, answer)
+
+    def server_connected(self, data: Any) -> None:
+        if self.lot.awaiting:
+            self.lot.step_done(data.client.id)
+
+    def _park_limits(self) -> tuple[float, int]:
+        d = self.rules.defaults
+        return d.park_timeout, d.park_max_per_agent
 
     # ------------------------------------------------------------ limits
 
@@ -961,137 +846,6 @@ class Firewall:
                 )
             out[agent] = rows
         return out
-
-    # ------------------------------------------------------------ parking
-
-    def _park(self, flow: http.HTTPFlow, agent: str) -> None:
-        queue = self.parked.setdefault(agent, deque())
-        if len(queue) >= self.rules.defaults.park_max_per_agent:
-            flow.response = refusal(503, "park_full", agent, "too many parked requests")
-            return
-        flow.metadata["axme_fw.parked_at"] = time.monotonic()
-        flow.intercept()
-        queue.append(flow)
-        self._schedule_park_timer()
-        self._touch_live()
-
-    def _release(self, agent: str) -> None:
-        """Release ``agent``'s parked flows upstream in arrival order.
-
-        Resuming them all at once lets each race on its own new upstream connection
-        (measured: most arrive out of order). So flows go one at a time: the next is
-        resumed once the previous one's upstream connection is up (its request bytes
-        follow at once on the same task), or at once if it reuses an open connection.
-        A flow that never gets that far (error, slow connect) holds the line for at
-        most ``RELEASE_STEP_TIMEOUT``.
-        """
-        queue = self.parked.pop(agent, deque())
-        if not queue:
-            return
-        self._audit("park.released", agent=agent, flows=len(queue))
-        self._touch_live()
-        self.releasing.setdefault(agent, deque()).extend(queue)
-        if agent not in self.awaiting.values():
-            self._release_next(agent)
-
-    def _release_next(self, agent: str) -> None:
-        queue = self.releasing.get(agent)
-        while queue:
-            flow = queue.popleft()
-            flow.resume()
-            conn = flow.server_conn
-            if flow.request.method == "CONNECT" or flow.response is not None or conn.connected:
-                continue  # nothing to connect: its bytes go out in this loop iteration
-            cid = flow.client_conn.id
-            self.awaiting[cid] = agent
-            assert self.loop is not None
-            self.loop.call_later(RELEASE_STEP_TIMEOUT, self._release_step_done, cid, agent)
-            return
-        self.releasing.pop(agent, None)
-
-    def _release_step_done(self, cid: str, agent: str | None = None) -> None:
-        """The awaited flow on ``cid`` reached upstream (or failed, or timed out)."""
-        owner = self.awaiting.pop(cid, None)
-        if owner is not None and (agent is None or owner == agent):
-            assert self.loop is not None
-            self.loop.call_soon(self._release_next, owner)
-        elif owner is not None:  # a stale timer for an earlier step: put it back
-            self.awaiting[cid] = owner
-
-    def server_connected(self, data: Any) -> None:
-        if self.awaiting:
-            self._release_step_done(data.client.id)
-
-    def _answer_parked(
-        self, agent: str, status: int, reason: str, detail: str, kill: Kill | None = None
-    ) -> None:
-        queue = self.parked.pop(agent, deque())
-        queue.extend(self.releasing.pop(agent, deque()))
-        self._touch_live()
-        for flow in queue:
-            flow.response = refusal(status, reason, agent, detail, kill, {"Connection": "close"})
-            flow.resume()
-        if queue:
-            self._audit(
-                "park.answered", agent=agent, flows=len(queue), status=status, reason=reason
-            )
-
-    def _schedule_park_timer(self) -> None:
-        if self._park_timer is None and self.loop is not None:
-            self._park_timer = self.loop.call_later(0.25, self._expire_parked)
-
-    def _expire_parked(self) -> None:
-        self._park_timer = None
-        limit = time.monotonic() - self.rules.defaults.park_timeout
-        for agent, queue in list(self.parked.items()):
-            while queue and queue[0].metadata.get("axme_fw.parked_at", 0) <= limit:
-                flow = queue.popleft()
-                flow.response = refusal(503, "park_timeout", agent, "parked too long")
-                flow.resume()
-                self._touch_live()
-            if not queue:
-                del self.parked[agent]
-        if self.parked:
-            self._schedule_park_timer()
-
-
-# ---------------------------------------------------------------- running a proxy
-
-
-def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = ()) -> int:
-    """Run mitmproxy with the addon until SIGINT/SIGTERM; returns the exit code."""
-    import signal
-
-    from mitmproxy import options
-    from mitmproxy.tools.dump import DumpMaster
-
-    async def main() -> int:
-        logging.getLogger().setLevel(logging.INFO)
-        opts = options.Options()
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-        master.addons.add(Firewall())
-        try:
-            opts.update(
-                listen_host=host,
-                listen_port=port,
-                confdir=str(state),
-                connection_strategy="lazy",
-                axme_state=str(state),
-                axme_rules=str(rules),
-            )
-            opts.set(*sets)  # "option=value" strings, parsed by mitmproxy like --set
-        except Exception as exc:  # OptionsError wraps our rules errors
-            print(str(exc).removeprefix("Error in axme_fw: ").strip(), file=sys.stderr)
-            return 1
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, master.shutdown)
-        await master.run()
-        return 0
-
-    import sys
-
-    return asyncio.run(main())
 
 
 addons = [Firewall()]

@@ -10,7 +10,9 @@ import pytest
 from mitmproxy.test import taddons, tflow
 
 from axme_fw import firewall
-from axme_fw.firewall import Firewall, parse_proxy_auth
+from axme_fw.answers import DECISION_HEADER
+from axme_fw.firewall import Firewall
+from axme_fw.identity import parse_proxy_auth
 from tests.rig import agents_yaml
 
 BASE = """\
@@ -74,7 +76,7 @@ def test_refusals(fw, user, token, host, method, status, reason) -> None:
     fw.requestheaders(f)
     assert f.response is not None
     assert f.response.status_code == status
-    assert f.response.headers[firewall.DECISION_HEADER] == reason
+    assert f.response.headers[DECISION_HEADER] == reason
     body = json.loads(f.response.content or b"")
     assert body["error"] == reason
     assert set(body) == {"error", "agent", "reason", "by", "at"}
@@ -92,7 +94,7 @@ def test_exception_in_decision_refuses_never_forwards(fw, monkeypatch) -> None:
         hook(f)
         assert f.response is not None, hook.__name__
         assert f.response.status_code == 403
-        assert f.response.headers[firewall.DECISION_HEADER] == "internal_error"
+        assert f.response.headers[DECISION_HEADER] == "internal_error"
 
 
 def test_exception_while_parsing_credentials_refuses(fw, monkeypatch) -> None:

@@ -1,0 +1,49 @@
+"""``axme-fw run``: mitmproxy's DumpMaster with the firewall addon, until SIGINT/SIGTERM.
+
+Not ``mitmdump -s``: the script loader reloads an addon when its file changes, which
+would drop in-memory state (parked flows, counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mitmproxy import options
+from mitmproxy.tools.dump import DumpMaster
+
+from axme_fw.firewall import Firewall
+
+
+def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = ()) -> int:
+    """Run the proxy; returns the exit code (1 when options or rules are refused)."""
+
+    async def main() -> int:
+        logging.getLogger().setLevel(logging.INFO)
+        opts = options.Options()
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master.addons.add(Firewall())
+        try:
+            opts.update(
+                listen_host=host,
+                listen_port=port,
+                confdir=str(state),
+                connection_strategy="lazy",
+                axme_state=str(state),
+                axme_rules=str(rules),
+            )
+            opts.set(*sets)  # "option=value" strings, parsed by mitmproxy like --set
+        except Exception as exc:  # OptionsError wraps our rules errors
+            print(str(exc).removeprefix("Error in axme_fw: ").strip(), file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        await master.run()
+        return 0
+
+    return asyncio.run(main())
