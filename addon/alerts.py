@@ -7,6 +7,7 @@ webhook; a failure after the last try, or an event dropped because the queue is
 full, is reported through ``on_failure`` (the proxy audits it). A dead or slow
 webhook therefore delays no flow: at worst its events are late or dropped.
 
+Each webhook has its own delivery thread: a dead one delays only its own events.
 The body carries a Slack-compatible ``text`` field, so an incoming-webhook URL works
 as is, plus the event's fields for machines.
 """
@@ -19,6 +20,7 @@ import queue
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,6 +34,12 @@ TRIES = 4
 TIMEOUT = 3.0
 
 
+def redact(url: str) -> str:
+    """``scheme://host:port/…``: webhook paths often carry secrets (Slack's do)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/…"
+
+
 def text_for(event: str, fields: dict[str, Any]) -> str:
     """One line a person can read in Slack."""
     agent = fields.get("agent", "?")
@@ -42,6 +50,9 @@ def text_for(event: str, fields: dict[str, Any]) -> str:
 
 
 class Alerter:
+    """One delivery thread and bounded queue per webhook, so a dead webhook holds up only
+    its own events, never another webhook's."""
+
     def __init__(
         self,
         on_failure: Callable[[str, dict[str, Any]], None],
@@ -50,39 +61,62 @@ class Alerter:
         self.alerts: Sequence[Alert] = ()
         self._on_failure = on_failure
         self._backoff = backoff
-        self._queue: queue.Queue[tuple[str, str, dict[str, Any]] | None] = queue.Queue(QUEUE_SIZE)
-        self._thread = threading.Thread(target=self._run, name="axme-fw-alerts", daemon=True)
-        self._thread.start()
+        self._workers: dict[str, _Worker] = {}
 
     def send(self, event: str, **fields: Any) -> None:
         """Queue ``event`` for every webhook that asked for it. Never blocks."""
         body = {"event": event, "text": text_for(event, fields), **fields}
         for alert in self.alerts:
-            if event in alert.events:
-                try:
-                    self._queue.put_nowait((alert.webhook, event, body))
-                except queue.Full:
-                    self._on_failure(
-                        "alert.dropped",
-                        {"event": event, "webhook": alert.webhook, "why": "queue full"},
-                    )
+            if event not in alert.events:
+                continue
+            worker = self._workers.get(alert.webhook)
+            if worker is None:
+                worker = self._workers[alert.webhook] = _Worker(
+                    alert.webhook, self._on_failure, self._backoff
+                )
+            try:
+                worker.queue.put_nowait((event, body))
+            except queue.Full:
+                self._on_failure(
+                    "alert.dropped",
+                    {"alert": event, "webhook": redact(alert.webhook), "why": "queue full"},
+                )
 
     def close(self, timeout: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout
+        for worker in self._workers.values():
+            worker.stop(max(0.0, deadline - time.monotonic()))
+
+
+class _Worker:
+    def __init__(
+        self, url: str, on_failure: Callable[[str, dict[str, Any]], None], backoff: float
+    ) -> None:
+        self.url = url
+        self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(QUEUE_SIZE)
+        self._on_failure = on_failure
+        self._backoff = backoff
+        self._thread = threading.Thread(
+            target=self._run, name=f"axme-fw-alert-{redact(url)}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
         try:
-            self._queue.put_nowait(None)
+            self.queue.put_nowait(None)
         except queue.Full:
             return
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self.queue.get()
             if item is None:
                 return
-            url, event, body = item
-            self._deliver(url, event, body)
+            self._deliver(*item)
 
-    def _deliver(self, url: str, event: str, body: dict[str, Any]) -> None:
+    def _deliver(self, event: str, body: dict[str, Any]) -> None:
+        url = self.url
         data = json.dumps(body, default=str).encode()
         error = ""
         for attempt in range(TRIES):
@@ -102,7 +136,14 @@ class Alerter:
                 error = str(exc)
             if attempt + 1 < TRIES:
                 time.sleep(self._backoff * 2**attempt)
-        log.warning("axme-fw: alert %s to %s failed: %s", event, url, error)
+        log.warning("axme-fw: alert %s to %s failed: %s", event, redact(url), error)
         self._on_failure(
-            "alert.failed", {"event": event, "webhook": url, "error": error, "tries": TRIES}
+            "alert.failed",
+            {
+                "alert": event,
+                "webhook": redact(url),
+                "error": error.replace(url, redact(url)),
+                "tries": TRIES,
+                "agent": body.get("agent"),
+            },
         )

@@ -6,12 +6,15 @@ output is pure JSON on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
+import re
 import secrets
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -29,8 +32,6 @@ from .rules import (
     atomic_write,
     token_digest,
 )
-from .state import STORE_FILE, Store, read_live
-from .yamlnodes import format_duration
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 RULES_OPT = click.option(
@@ -238,180 +239,118 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
 
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh in place every second (Ctrl-C to stop).")
 @RULES_OPT
 @STATE_OPT
-def status(as_json: bool, rules_dir: Path, state_dir: Path) -> None:
-    """Agents, whether each is killed, why, by whom and since when.
+def status(as_json: bool, watch: bool, rules_dir: Path, state_dir: Path) -> None:
+    """Agents and their instances: state, last seen, requests, spend, limits, kills.
 
-    Example: axme-fw status --json
+    Works without a running proxy (reads the state directory) and says so.
+
+    Example: axme-fw status --watch
     """
-    rules = load_rules(rules_dir)
-    enforced = killswitch.read_enforced(state_dir)
-    live = read_live(state_dir) or {}
-    parked = live.get("parked") or {}
-    usage = live.get("limits") if live else None
-    if usage is None:  # no running proxy: the durable counters, as of its last flush
-        usage = durable_usage(rules, state_dir)
-    names = sorted(
-        set(rules.agents) | {k.agent for k in rules.kills if not any(c in k.agent for c in "*?[")}
-    )
-    rows: list[dict[str, Any]] = []
-    for name in names:
-        kill = rules.kill_for(name)
-        state = "active" if kill is None else ("paused" if kill.mode == "park" else "killed")
-        rows.append(
-            {
-                "agent": name,
-                "state": state,
-                "configured": name in rules.agents,
-                "reason": kill.reason if kill else None,
-                "by": kill.by if kill else None,
-                "since": kill.at if kill else None,
-                "kill_pattern": kill.agent if kill else None,
-                "parked": int(parked.get(name, 0)),
-                "limits": usage.get(name) or zero_usage(rules, name),
-            }
-        )
-    proxy = (
-        {
-            "revision": enforced.get("revision"),
-            "pid": enforced.get("pid"),
-            "listen": enforced.get("listen"),
-            "in_sync": enforced.get("revision") == rules.kill_revision,
-        }
-        if enforced
-        else None
-    )
-    if as_json:
-        click.echo(
-            json.dumps(
-                {"agents": rows, "proxy": proxy, "kill_revision": rules.kill_revision}, indent=2
-            )
-        )
-        return
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="axme-fw agents", title_justify="left", expand=False)
-    table.add_column("agent", no_wrap=True)
-    table.add_column("state", no_wrap=True)
-    table.add_column("parked", justify="right")
-    table.add_column("limits", no_wrap=True)
-    table.add_column("why", overflow="fold")
-    style = {"active": "green", "killed": "bold red", "paused": "yellow"}
-    for r in rows:
-        why = ""
-        if r["state"] != "active":
-            why = f"{r['reason'] or '(no reason)'} — {r['by']}, {ago(r['since'])}"
-        table.add_row(
-            r["agent"],
-            f"[{style[r['state']]}]{r['state']}[/]",
-            str(r["parked"] or ""),
-            "\n".join(limit_text(u) for u in r["limits"]),
-            why,
-        )
+    from .status import gather, render
+
+    rules = load_rules(rules_dir)
+    if as_json:
+        click.echo(json.dumps(gather(rules, state_dir), indent=2))
+        return
     console = Console()
-    console.print(table)
-    if proxy is None:
-        console.print("no proxy has reported from this state directory")
-    elif not proxy["in_sync"]:
-        console.print(
-            f"proxy (pid {proxy['pid']}) enforces kill revision {proxy['revision']}, "
-            f"the file is at {rules.kill_revision}: is it running?"
-        )
+    if not watch:
+        console.print(render(gather(rules, state_dir)))
+        return
+    from rich.live import Live
 
-
-def durable_usage(rules: Ruleset, state_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    import time
-
-    from .limits import Windows
-
-    if not (state_dir / STORE_FILE).exists():
-        return {}
-    store = Store(state_dir)
-    try:
-        saved = store.load("windows")
-    finally:
-        store.close()
-    if saved is None:
-        return {}
-    windows, now = Windows.restore(saved, time.time()), time.time()
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name in windows.agents():
-        agent = rules.agents.get(name)
-        if agent is None:
-            continue
-        out[name] = [
-            {
-                "key": lim.key,
-                "used": windows.used(name, lim.key, lim.per, now),
-                "max": lim.max,
-                "per": lim.per,
-                "on_exceed": lim.on_exceed,
-            }
-            for lim in agent.limits
-        ]
-    return out
-
-
-def zero_usage(rules: Ruleset, name: str) -> list[dict[str, Any]]:
-    agent = rules.agents.get(name)
-    limits = agent.limits if agent is not None else ()
-    return [
-        {"key": lim.key, "used": 0, "max": lim.max, "per": lim.per, "on_exceed": lim.on_exceed}
-        for lim in limits
-    ]
-
-
-def ago(iso: str | None) -> str:
-    """``2026-11-30T06:46:03.021Z`` → ``3m ago`` (the ISO time itself if unparseable)."""
-    from datetime import UTC, datetime
-
-    if not iso:
-        return "?"
-    try:
-        then = datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    except ValueError:
-        return iso
-    secs = int((datetime.now(UTC) - then).total_seconds())
-    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
-        if secs >= size:
-            return f"{secs // size}{unit} ago"
-    return f"{max(secs, 0)}s ago"
-
-
-def limit_text(u: dict[str, Any]) -> str:
-    """``actions.deploy 3/3 per 6h``."""
-    key = str(u.get("key", "?")).removeprefix("actions.")
-    per = format_duration(float(u.get("per", 0)))
-    return f"{key} {u.get('used', 0):g}/{u.get('max', 0):g} per {per}"
+    with Live(render(gather(rules, state_dir)), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                # An edit in progress: keep showing the last good rules.
+                with contextlib.suppress(RulesError):
+                    rules = Loader(rules_dir).load()
+                live.update(render(gather(rules, state_dir)), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 # ---------------------------------------------------------------- audit
 
 
+NOISY = frozenset(
+    {"decision", "llm.usage", "kill.written", "limit.throttled"}
+)  # per request: --all shows them
+
+
+def parse_since(value: str | None) -> str | None:
+    """``--since 1h`` / ``30m`` / ``2026-11-30T06:00:00Z`` → an ISO time to compare with."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h|d)", value)
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        then = datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)
+    else:
+        try:
+            then = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            fail(f"--since {value!r}: use a duration (30m, 1h, 2d) or an ISO time", 2)
+        if then.tzinfo is None:
+            then = then.replace(tzinfo=UTC)
+    return then.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def timeline_line(rec: Mapping[str, Any]) -> str:
+    """``2026-11-30 06:46:03  agent.killed       deployer  by cli:alice: runaway deploys``."""
+    ts = str(rec.get("ts", "?")).replace("T", " ")[:19]
+    event = str(rec.get("event", "?"))
+    agent = str(rec.get("agent") or "")
+    by = f"by {rec['by']}" if rec.get("by") else ""
+    reason = rec.get("reason") or rec.get("detail") or ""
+    skip = {"seq", "ts", "event", "prev", "agent", "by", "reason", "detail", "at"}
+    extra = " ".join(
+        f"{k}={v}" for k, v in rec.items() if k not in skip and v not in (None, "", [], {})
+    )
+    text = ": ".join(x for x in (by, str(reason)) if x)
+    return "  ".join(x for x in (ts, f"{event:<20}", f"{agent:<12}", text, extra) if x).rstrip()
+
+
 @main.group(context_settings=CONTEXT, invoke_without_command=True)
 @click.option("--agent", help="Only records about this agent.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--since", help="Only records since a duration ago (1h, 30m) or an ISO time.")
+@click.option("--all", "show_all", is_flag=True, help="Include per-request records.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (all records).")
 @STATE_OPT
 @click.pass_context
-def audit(ctx: click.Context, agent: str | None, as_json: bool, state_dir: Path) -> None:
-    """Read the audit log; `audit verify` checks its hash chain.
+def audit(
+    ctx: click.Context,
+    agent: str | None,
+    since: str | None,
+    show_all: bool,
+    as_json: bool,
+    state_dir: Path,
+) -> None:
+    """A timeline of kills, resumes, auto-kills, rule changes and alerts.
 
-    Example: axme-fw audit --agent deployer
+    `audit verify` checks the log's hash chain.
+
+    Example: axme-fw audit --since 1h --agent deployer
     """
     if ctx.invoked_subcommand is not None:
         return
+    start = parse_since(since)
     for rec in audit_mod.read(state_dir / audit_mod.AUDIT_FILE):
         if agent is not None and rec.get("agent") != agent:
             continue
+        if start is not None and str(rec.get("ts", "")) < start:
+            continue
         if as_json:
             click.echo(json.dumps(rec))
-            continue
-        rest = {k: v for k, v in rec.items() if k not in ("seq", "ts", "event", "prev", "agent")}
-        who_ = f" {rec['agent']}" if rec.get("agent") else ""
-        details = " ".join(f"{k}={v}" for k, v in rest.items() if v not in (None, "", []))
-        click.echo(f"{rec.get('ts', '?')}  {rec.get('event', '?'):<16}{who_}  {details}")
+        elif show_all or rec.get("event") not in NOISY:
+            click.echo(timeline_line(rec))
 
 
 @audit.command(context_settings=CONTEXT)

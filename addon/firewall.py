@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import fnmatch
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from mitmproxy.connection import Client
 # script, where relative imports fail; the installed package serves both ways.
 from axme_fw import audit as audit_mod
 from axme_fw import killswitch
+from axme_fw.alerts import Alerter
 from axme_fw.answers import refusal
 from axme_fw.cost import (
     ApiKind,
@@ -39,7 +41,8 @@ from axme_fw.cost import (
     load_pricing,
     usage_from_json,
 )
-from axme_fw.identity import INSTANCE_HEADER, parse_proxy_auth
+from axme_fw.health import Health, stale_after
+from axme_fw.identity import INSTANCE_HEADER, instance_of, parse_proxy_auth
 from axme_fw.inflight import cut_clients
 from axme_fw.limits import (
     Exceeded,
@@ -51,7 +54,7 @@ from axme_fw.limits import (
 )
 from axme_fw.meter import Call, Meter, Refused, cost_detail
 from axme_fw.parking import ParkingLot
-from axme_fw.policy import Decision, Facts, Verdict, decide
+from axme_fw.policy import Decision, Facts, Verdict, decide, identify
 from axme_fw.rules import (
     EMPTY,
     KILL_FILE,
@@ -68,6 +71,8 @@ from axme_fw.yamlnodes import format_duration
 
 log = logging.getLogger(__name__)
 
+CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
+SWEEP_INTERVAL = 0.25  # staleness checks
 META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
 META_CALL = "axme_fw.call"  # its meter.Call, once reserved
@@ -199,6 +204,9 @@ class Firewall:
         self.inflight: dict[str, set[http.HTTPFlow]] = {}  # client id → flows in progress
         self.passthrough: set[str] = set()  # CONNECT tunnels with no request seen inside (yet)
         self.lot = ParkingLot(self._audit, self._touch_live, self._park_limits)
+        self.health = Health()
+        self._health_dirty = False
+        self.alerter: Alerter | None = None
         self._reloading = False
         self._reload_again = False
         self._live_timer: asyncio.TimerHandle | None = None
@@ -252,6 +260,12 @@ class Firewall:
                     self._audit("limits.restored_after_crash", saved_at=at)
                 self.windows = Windows.restore(saved, time.time())
                 self.meter.windows = self.windows
+            health = self.store.load("health")
+            if health is not None:
+                self.health = Health.restore(health)
+            if self.alerter is None:
+                self.alerter = Alerter(lambda event, fields: self._audit(event, **fields))
+                self.alerter.alerts = self.rules.alerts
 
     def running(self) -> None:
         self.loop = self.lot.loop = asyncio.get_running_loop()
@@ -261,6 +275,7 @@ class Firewall:
             self.watcher.start()
         self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
         self._write_enforced()
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     async def done(self) -> None:
         if self.watcher is not None:
@@ -274,10 +289,13 @@ class Firewall:
         if self.store is not None:
             self.writer.shutdown(wait=True)  # pending state writes first
             self.store.save("windows", {**self.windows.snapshot(), "clean": True})
+            self.store.save("health", self.health.snapshot())
             self.store.close()
         self._audit("proxy.stopped", pid=os.getpid())
         if self.state_dir is not None:
             (self.state_dir / LIVE_FILE).unlink(missing_ok=True)
+        if self.alerter is not None:
+            self.alerter.close()
         if self.audit is not None:
             self.audit.close()
 
@@ -339,6 +357,7 @@ class Firewall:
     def _rejected(self, exc: RulesError) -> None:
         log.error("axme-fw: rules rejected, keeping the last good rules:\n%s", exc)
         self._audit("rules.rejected", errors=exc.messages[:50], kept=self.rules.digest)
+        self._alert("rules.rejected", agent="-", reason=exc.messages[0], errors=len(exc.messages))
 
     def _swap(self, rules: Ruleset, started: float) -> None:
         if rules.digest == self.rules.digest:
@@ -364,8 +383,11 @@ class Firewall:
         if ctx.options.tcp_timeout < timeout + 60:
             # mitmproxy closes idle connections after tcp_timeout: parked ones included.
             ctx.options.update(tcp_timeout=int(timeout + 60))
+        if self.alerter is not None:
+            self.alerter.alerts = rules.alerts
         if initial or old.kills == rules.kills:
             return
+        self._kill_alerts(old, rules)
         for agent in list(self.live):
             kill = rules.kill_for(agent)
             if (
@@ -388,6 +410,56 @@ class Firewall:
                 self.lot.release(agent)
             elif kill.mode == "block":
                 self.lot.answer(agent, 403, "agent_killed", kill.reason, kill)
+
+    def _kill_alerts(self, old: Ruleset, new: Ruleset) -> None:
+        """Alert (and reset health) for kill-list entries that appeared, changed or went."""
+        before = {k.agent: k for k in old.kills}
+        after = {k.agent: k for k in new.kills}
+        for pattern, kill in after.items():
+            if before.get(pattern) != kill:
+                if kill.by.startswith("policy:"):
+                    event = "agent.auto_killed"
+                else:
+                    event = "agent.paused" if kill.mode == "park" else "agent.killed"
+                self._alert(event, agent=pattern, mode=kill.mode, reason=kill.reason, by=kill.by)
+        now = time.time()
+        for pattern in before.keys() - after.keys():
+            self._alert("agent.resumed", agent=pattern, by=before[pattern].by)
+            for agent in list(self.health.agents):
+                if fnmatch.fnmatchcase(agent, pattern):
+                    self.health.reset(agent, now)
+
+    def _alert(self, event: str, **fields: Any) -> None:
+        if self.alerter is not None:
+            self.alerter.send(event, at=audit_mod.now_iso(), **fields)
+
+    def _stale_after(self, agent: str) -> float:
+        return stale_after(self.rules, agent)
+
+    def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL: mark agents with no traffic for stale_after; alert once."""
+        assert self.loop is not None
+        try:
+            for agent in self.health.sweep(time.time(), self._stale_after):
+                self._health_dirty = True
+                if self.rules.kill_for(agent) is None:  # a killed agent is quiet by design
+                    self._audit("agent.stale", agent=agent, stale_after=self._stale_after(agent))
+                    self._alert("agent.stale", agent=agent, reason="no traffic or heartbeat")
+            if self._health_dirty:
+                self._touch_live()
+                self._windows_changed()  # the durable copy carries health too
+        except Exception:
+            log.exception("axme-fw: health sweep failed")
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def _heartbeat(self, agent: str, flow: http.HTTPFlow, header: str | None) -> str:
+        peer = flow.client_conn.peername[0] if flow.client_conn.peername else None
+        instance = instance_of(peer, header)
+        if self.health.saw(agent, instance, time.time()):
+            self._audit("agent.recovered", agent=agent)
+            self._alert("agent.recovered", agent=agent, reason="traffic again")
+        self._health_dirty = True
+        return instance
 
     def _write_enforced(self) -> None:
         if self.state_dir is None or self.loop is None:
@@ -421,6 +493,7 @@ class Firewall:
             "pid": os.getpid(),
             "at": audit_mod.now_iso(),
             "parked": self.lot.counts(),
+            "health": self.health.snapshot(),
             "limits": self._usage(time.time()),
         }
         self.loop.run_in_executor(
@@ -483,10 +556,17 @@ class Firewall:
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         facts = self._facts(flow)
-        d = decide(self.rules, facts)
         cid = flow.client_conn.id
         if facts.user is not None and facts.token is not None:
             self.tunnel_auth[cid] = (facts.user, facts.token)
+        if facts.host == CONTROL_HOST:  # identity only: requests inside are answered by us
+            _agent, refused = identify(self.rules, facts.user, facts.token)
+            if refused is not None:
+                self._apply(flow, refused)
+            return
+        d = decide(self.rules, facts)
+        if d.agent is not None and d.reason != "unknown_agent":
+            self._heartbeat(d.agent, flow, None)
         if d.reason == "agent_killed" and not d.inbound and not self._passes_through(facts):
             # The agent is identified and the tunnel will be intercepted: let it open, so
             # every request inside gets the JSON 403 (a 403 to CONNECT loses its body and
@@ -513,11 +593,15 @@ class Firewall:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # answered by another addon already
             return
-        flow.request.headers.pop(INSTANCE_HEADER, None)
+        instance_header = flow.request.headers.pop(INSTANCE_HEADER, None)
         facts = self._facts(flow)
+        if facts.host == CONTROL_HOST:
+            self._control(flow, facts, instance_header)
+            return
         d = decide(self.rules, facts)
-        if d.agent is not None:
+        if d.agent is not None and d.reason != "unknown_agent":
             flow.metadata[META_AGENT] = d.agent
+            self._heartbeat(d.agent, flow, instance_header)
         cid = flow.client_conn.id
         self.passthrough.discard(cid)
         if self._apply(flow, d) and d.agent is not None:
@@ -530,6 +614,48 @@ class Firewall:
                 flow.metadata[META_LLM] = kind
                 # We read usage from the response: ask for it uncompressed.
                 flow.request.headers["accept-encoding"] = "identity"
+
+    def _control(self, flow: http.HTTPFlow, facts: Facts, instance_header: str | None) -> None:
+        """``http://axme-fw.local/heartbeat`` and ``/status``: answered here, never forwarded.
+
+        Authenticated by the same proxy credentials. An agent reads its own status; there
+        is no endpoint that changes anything (resume, kill, limits are the operator's).
+        """
+        agent, refused = identify(self.rules, facts.user, facts.token)
+        if refused is not None:
+            self._apply(flow, refused)
+            return
+        name = agent.name if agent is not None else (facts.user or "anonymous")
+        path = flow.request.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/heartbeat", "/status"):
+            flow.response = refusal(
+                403,
+                "control_forbidden",
+                name,
+                "agents can report in (/heartbeat) and read their status (/status); "
+                "they cannot change anything",
+            )
+            return
+        if flow.request.method not in ("GET", "POST", "HEAD"):
+            flow.response = refusal(405, "control_forbidden", name, "use GET or POST")
+            return
+        instance = self._heartbeat(name, flow, instance_header)
+        kill = self.rules.kill_for(name)
+        seen = self.health.agents.get(name)
+        body = {
+            "agent": name,
+            "instance": instance,
+            "state": self.health.state(name, kill.mode if kill is not None else None),
+            "kill": {"reason": kill.reason, "by": kill.by, "at": kill.at, "mode": kill.mode}
+            if kill is not None
+            else None,
+            "limits": self._usage(time.time(), only=name).get(name, []),
+            "requests": seen.requests if seen is not None else 0,
+            "parked": self.lot.counts().get(name, 0),
+        }
+        flow.response = http.Response.make(
+            200, json.dumps(body).encode() + b"\n", {"Content-Type": "application/json"}
+        )
 
     @_fail_closed
     def request(self, flow: http.HTTPFlow) -> None:
@@ -753,6 +879,11 @@ class Firewall:
                     warn_at=call.spec.warn_at,
                     max=call.spec.max,
                 )
+                self._alert(
+                    "budget.warning",
+                    agent=call.agent,
+                    reason=f"spend passed {call.spec.warn_at:.0%} of ${call.spec.max:g}",
+                )
             crossed = result.crossed
             if (
                 crossed is not None
@@ -825,10 +956,14 @@ class Firewall:
         self._windows_dirty = False
         snap = {**self.windows.snapshot(), "saved_at": time.time(), "clean": False}
         self.loop.run_in_executor(self.writer, self.store.save, "windows", snap)
+        if self._health_dirty:
+            self._health_dirty = False
+            health = self.health.snapshot()
+            self.loop.run_in_executor(self.writer, self.store.save, "health", health)
 
-    def _usage(self, now: float) -> dict[str, list[dict[str, Any]]]:
+    def _usage(self, now: float, only: str | None = None) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
-        for agent in self.windows.agents():
+        for agent in [only] if only is not None else self.windows.agents():
             entry = self.specs.get(agent)
             if entry is None:
                 continue

@@ -16,7 +16,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .rules import Ruleset
+
 STATES = ("active", "stale", "killed", "paused", "never_seen")
+
+
+def stale_after(rules: Ruleset, agent: str) -> float:
+    """The agent's ``heartbeat.stale_after``, else the default."""
+    a = rules.agents.get(agent)
+    return (a.stale_after if a is not None and a.stale_after else 0) or rules.defaults.stale_after
 
 
 @dataclass(slots=True)

@@ -55,7 +55,7 @@ class Store:
 
 
 STORE_FILE = "state.json"
-_DOC_IDS = {"windows": 1}
+_DOC_IDS = {"windows": 1, "health": 2}
 
 
 def _make_storage() -> type:
