@@ -6,8 +6,8 @@ import json
 
 from mitmproxy import http
 
-from axme_fw.audit import now_iso
-from axme_fw.rules import Kill
+from .audit import now_iso
+from .rules import Kill
 
 DECISION_HEADER = "X-Axme-Fw-Decision"
 

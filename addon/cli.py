@@ -474,6 +474,7 @@ def env(agent_name: str, token: str, proxy: str, state_dir: Path) -> None:
         "NO_PROXY": "localhost,127.0.0.1,::1",
         "no_proxy": "localhost,127.0.0.1,::1",
         "SSL_CERT_FILE": str(ca),
+        "CURL_CA_BUNDLE": str(ca),
         "REQUESTS_CA_BUNDLE": str(ca),
         "NODE_EXTRA_CA_CERTS": str(ca),
         "NODE_USE_ENV_PROXY": "1",

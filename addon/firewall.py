@@ -1,6 +1,6 @@
 """The mitmproxy addon: identity, decisions, kill, park, cut. The only module importing mitmproxy.
 
-Load it with ``axme-fw run`` or ``mitmdump -s addon/firewall.py --set axme_rules=rules``.
+Load it with ``axme-fw run`` or ``mitmdump -s addon/script.py --set axme_rules=rules``.
 
 Failing closed: mitmproxy logs an exception raised in a hook and then *forwards the
 flow*. Every hook that decides is wrapped by :func:`_fail_closed`, which turns any
@@ -26,13 +26,11 @@ from typing import Any
 from mitmproxy import ctx, http, tcp
 from mitmproxy.connection import Client
 
-# Absolute imports: `mitmdump -s addon/firewall.py` loads this file as a top-level
-# script, where relative imports fail; the installed package serves both ways.
-from axme_fw import audit as audit_mod
-from axme_fw import killswitch
-from axme_fw.alerts import Alerter
-from axme_fw.answers import refusal
-from axme_fw.cost import (
+from . import audit as audit_mod
+from . import killswitch
+from .alerts import Alerter
+from .answers import refusal
+from .cost import (
     ApiKind,
     Pricing,
     PricingError,
@@ -41,10 +39,10 @@ from axme_fw.cost import (
     load_pricing,
     usage_from_json,
 )
-from axme_fw.health import Health, stale_after
-from axme_fw.identity import INSTANCE_HEADER, instance_of, parse_proxy_auth
-from axme_fw.inflight import cut_clients
-from axme_fw.limits import (
+from .health import Health, stale_after
+from .identity import INSTANCE_HEADER, instance_of, parse_proxy_auth
+from .inflight import cut_clients
+from .limits import (
     Exceeded,
     LimitSpec,
     OnExceed,
@@ -52,10 +50,10 @@ from axme_fw.limits import (
     assume_lost,
     retry_after_header,
 )
-from axme_fw.meter import Call, Meter, Refused, cost_detail
-from axme_fw.parking import ParkingLot
-from axme_fw.policy import Decision, Facts, Verdict, decide, identify
-from axme_fw.rules import (
+from .meter import Call, Meter, Refused, cost_detail
+from .parking import ParkingLot
+from .policy import Decision, Facts, Verdict, decide, identify
+from .rules import (
     EMPTY,
     KILL_FILE,
     PRICING_FILE,
@@ -65,9 +63,9 @@ from axme_fw.rules import (
     Ruleset,
     atomic_write,
 )
-from axme_fw.state import LIVE_FILE, Store
-from axme_fw.watch import RulesWatcher
-from axme_fw.yamlnodes import format_duration
+from .state import LIVE_FILE, Store
+from .watch import RulesWatcher
+from .yamlnodes import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -981,6 +979,3 @@ class Firewall:
                 )
             out[agent] = rows
         return out
-
-
-addons = [Firewall()]

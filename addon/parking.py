@@ -22,8 +22,8 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from axme_fw.answers import refusal
-from axme_fw.rules import Kill
+from .answers import refusal
+from .rules import Kill
 
 RELEASE_STEP_TIMEOUT = 1.0
 PARKED_AT = "axme_fw.parked_at"

@@ -16,7 +16,7 @@ from pathlib import Path
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
-from axme_fw.firewall import Firewall
+from .firewall import Firewall
 
 
 def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = ()) -> int:

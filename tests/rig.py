@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import requests
 import trustme
 
 VENV_BIN = Path(sys.executable).parent
@@ -199,6 +200,14 @@ class Proxy:
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts the proxy's CA (what SSL_CERT_FILE gives a process)."""
         return ssl.create_default_context(cafile=str(self.ca))
+
+    def session(self, agent: str | None, token: str | None) -> requests.Session:
+        """A requests session through this proxy as ``agent`` (HTTP and HTTPS)."""
+        s = requests.Session()
+        s.trust_env = False
+        s.proxies = {"http": self.url(agent, token), "https": self.url(agent, token)}
+        s.verify = str(self.ca)
+        return s
 
     def url(self, agent: str | None, token: str | None) -> str:
         if agent is None:

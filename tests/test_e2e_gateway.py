@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
+import yaml
 
 from tests.rig import (
     AXME_FW,
@@ -20,10 +22,12 @@ from tests.rig import (
     Upstream,
     agents_yaml,
     first_after,
+    free_port,
     replace_file,
     saw_status,
     start_proxy,
     start_upstream,
+    token_hash,
     upstream_ca,
     wait_for,
 )
@@ -61,11 +65,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proxy, Ups
 def get(
     proxy: Proxy, agent: str | None, token: str | None, url: str, method: str = "GET"
 ) -> requests.Response:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": proxy.url(agent, token), "https": proxy.url(agent, token)}
-    s.verify = str(proxy.ca)
-    return s.request(method, url, timeout=10)
+    return proxy.session(agent, token).request(method, url, timeout=10)
 
 
 def curl(
@@ -368,3 +368,124 @@ def test_a_broken_kill_file_is_refused_and_the_last_good_kill_list_stays(world) 
         replace_file(kill_file, good)
         proxy.cli("resume", DEPLOYER)
     assert get(proxy, DEPLOYER, DTOKEN, url).status_code == 200
+
+
+def test_20_concurrent_cli_kills_lose_nothing_and_keep_one_audit_chain(tmp_path: Path) -> None:
+    rules, state = tmp_path / "rules", tmp_path / "state"
+    rules.mkdir()
+    (rules / "base.yaml").write_text(BASE)
+    env = {k: v for k, v in os.environ.items() if k not in ("AXME_FW_RULES", "AXME_FW_STATE")}
+    procs = [
+        subprocess.Popen(
+            [
+                AXME_FW,
+                "kill",
+                f"bot-{i}",
+                "--reason",
+                f"r{i}",
+                "--no-wait",
+                "--rules",
+                str(rules),
+                "--state",
+                str(state),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for i in range(20)
+    ]
+    for p in procs:
+        _out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert b"warning: no agent" in err  # unknown names are allowed, and said so
+    data = yaml.safe_load((rules / "kill.yaml").read_text())
+    assert data["revision"] == 20
+    assert sorted(k["agent"] for k in data["kills"]) == sorted(f"bot-{i}" for i in range(20))
+    res = subprocess.run(
+        [AXME_FW, "audit", "verify", "--state", str(state)], capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr
+    assert "20 records" in res.stdout
+
+
+def test_agent_add_prints_a_token_once_and_the_proxy_accepts_it(world) -> None:
+    proxy, plain, tls = world
+    res = proxy.cli("agent", "add", "newbie", "--allow", "local")
+    token = res.stdout.strip()
+    assert len(token) >= 32 and "token (shown once" in res.stderr
+    generated = (proxy.rules / "agents.generated.yaml").read_text()
+    assert token not in generated and token_hash(token) in generated
+    wait_for(
+        lambda: get(proxy, "newbie", token, f"{plain.url}/new").status_code == 200,
+        5,
+        "the new agent to be accepted",
+    )
+    assert get(proxy, "newbie", "guess", f"{plain.url}/new").status_code == 403
+    again = proxy.cli("agent", "add", "newbie", check=False)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    env_lines = proxy.cli("env", "newbie", "--token", token, "--proxy", f"127.0.0.1:{proxy.port}")
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in env_lines.stdout.splitlines()
+    )
+    assert exports["HTTPS_PROXY"].strip("'\"") == proxy.url("newbie", token)
+    assert exports["NODE_USE_ENV_PROXY"].strip("'\"") == "1"
+    assert exports["SSL_CERT_FILE"].strip("'\"") == str(proxy.ca.resolve())
+    # Through the printed environment, curl reaches an HTTPS upstream whose certificate
+    # only the proxy trusts: it can only have gone through the proxy, with its CA.
+    # (NO_PROXY is cleared because the test upstream is itself on 127.0.0.1.)
+    env = {
+        **{k: v for k, v in os.environ.items() if "proxy" not in k.lower()},
+        **{k: v.strip("'\"") for k, v in exports.items()},
+        "NO_PROXY": "",
+        "no_proxy": "",
+    }
+    out = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{tls.url}/e"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.stdout == "200"
+
+
+def test_plain_mitmdump_with_the_script_enforces_the_same_rules(world, tmp_path: Path) -> None:
+    proxy, plain, _tls = world
+    port = free_port()
+    state = tmp_path / "state"
+    script = Path(__file__).parent.parent / "addon" / "script.py"
+    args = [
+        str(Path(AXME_FW).parent / "mitmdump"),
+        "--listen-host",
+        "127.0.0.1",
+        "--listen-port",
+        str(port),
+        "-s",
+        str(script),
+        "--set",
+        f"axme_rules={proxy.rules}",
+        "--set",
+        f"axme_state={state}",
+        "--set",
+        f"confdir={state}",
+        "--set",
+        "flow_detail=0",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: (state / "enforced.json").exists(), 20, "mitmdump with the addon")
+
+        def via(agent: str, token: str) -> requests.Response:
+            s = requests.Session()
+            s.trust_env = False
+            s.proxies = {"http": f"http://{agent}:{token}@127.0.0.1:{port}"}
+            return s.get(f"{plain.url}/md", timeout=10)
+
+        assert via(DEPLOYER, DTOKEN).status_code == 200
+        r = via(DEPLOYER, "nope")
+        assert r.status_code == 403 and r.json()["error"] == "unknown_agent"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert b"Traceback" not in out, out.decode(errors="replace")[-2000:]

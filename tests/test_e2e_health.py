@@ -101,13 +101,6 @@ actions:
     hook_server.shutdown()
 
 
-def session(proxy: Proxy, agent: str, token: str) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": proxy.url(agent, token)}
-    return s
-
-
 def status(proxy: Proxy) -> dict[str, Any]:
     out: dict[str, Any] = json.loads(proxy.cli("status", "--json").stdout)
     return out
@@ -119,7 +112,7 @@ def agent_row(proxy: Proxy, agent: str) -> dict[str, Any]:
 
 def test_stale_alerts_once_and_recovers_once(world: World) -> None:
     proxy, hooks = world.proxy, world.hooks
-    s = session(proxy, QUIET, QTOKEN)
+    s = proxy.session(QUIET, QTOKEN)
     assert s.get(f"{world.up.url}/hi", timeout=10).status_code == 200
     wait_for(lambda: agent_row(proxy, QUIET)["state"] == "active", 5, "status to show active")
     stale = wait_for(lambda: hooks.of("agent.stale", QUIET), 10, "an agent.stale alert")
@@ -137,7 +130,7 @@ def test_stale_alerts_once_and_recovers_once(world: World) -> None:
 def control(
     proxy: Proxy, agent: str, token: str, path: str, method: str = "GET"
 ) -> requests.Response:
-    return session(proxy, agent, token).request(method, f"http://axme-fw.local{path}", timeout=10)
+    return proxy.session(agent, token).request(method, f"http://axme-fw.local{path}", timeout=10)
 
 
 def test_control_host_answers_heartbeat_and_status_without_upstream(world: World) -> None:
@@ -170,7 +163,7 @@ def test_an_agent_can_read_but_never_change_its_state(world: World) -> None:
             assert r.status_code in (403, 405), (path, method)
             assert r.json()["error"] == "control_forbidden"
         wait_for(lambda: agent_row(proxy, OTHER)["state"] == "killed", 5, "status: killed")
-        assert session(proxy, OTHER, OTOKEN).get(f"{world.up.url}/x", timeout=10).status_code == 403
+        assert proxy.session(OTHER, OTOKEN).get(f"{world.up.url}/x", timeout=10).status_code == 403
     finally:
         proxy.cli("resume", OTHER)
 
@@ -179,7 +172,7 @@ def test_a_dead_webhook_delays_no_flow_and_its_failure_is_audited(world: World) 
     proxy = world.proxy
     failed_before = len(proxy.audit_events("alert.failed"))
     proxy.cli("kill", QUIET, "--reason", "alert to a dead hook")  # agent.killed -> both hooks
-    s = session(proxy, FLEET, FTOKEN)
+    s = proxy.session(FLEET, FTOKEN)
     try:
         # The dead hook is retried with backoff for seconds; flows go on meanwhile.
         for i in range(20):
@@ -197,7 +190,7 @@ def test_a_dead_webhook_delays_no_flow_and_its_failure_is_audited(world: World) 
 
 def test_status_shows_4_instances_with_distinct_last_seen(world: World) -> None:
     proxy = world.proxy
-    s = session(proxy, FLEET, FTOKEN)
+    s = proxy.session(FLEET, FTOKEN)
     for i in range(4):
         r = s.get(f"{world.up.url}/i{i}", headers={"X-Agent-Instance": f"pod-{i}"}, timeout=10)
         assert r.status_code == 200

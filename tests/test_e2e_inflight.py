@@ -123,14 +123,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     proxy.stop()
 
 
-def session(proxy: Proxy, agent: str, token: str) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": proxy.url(agent, token), "https": proxy.url(agent, token)}
-    s.verify = str(proxy.ca)
-    return s
-
-
 @pytest.fixture
 def resume_after(world: World) -> Iterator[None]:
     yield
@@ -158,8 +150,8 @@ def test_kill_cuts_an_sse_stream_but_not_another_agents(
     theirs: list[float] = []
     mine_done, theirs_done = threading.Event(), threading.Event()
     for sess, ev, done in (
-        (session(world.proxy, DEPLOYER, DTOKEN), mine, mine_done),
-        (session(world.proxy, CODER, CTOKEN), theirs, theirs_done),
+        (world.proxy.session(DEPLOYER, DTOKEN), mine, mine_done),
+        (world.proxy.session(CODER, CTOKEN), theirs, theirs_done),
     ):
         threading.Thread(
             target=read_stream, args=(sess, f"{up.url}/sse", ev, done), daemon=True
@@ -232,7 +224,7 @@ def test_kill_answers_a_request_stuck_upstream_with_403(
     up = world.plain if scheme == "http" else world.tls
     up.release.clear()
     result: list[requests.Response] = []
-    sess = session(world.proxy, DEPLOYER, DTOKEN)
+    sess = world.proxy.session(DEPLOYER, DTOKEN)
     t = threading.Thread(
         target=lambda: result.append(sess.get(f"{up.url}/slow-{scheme}", timeout=20))
     )
@@ -248,7 +240,7 @@ def test_kill_answers_a_request_stuck_upstream_with_403(
 
 
 def test_inbound_to_a_killed_agents_address_is_refused(world: World, resume_after) -> None:
-    coder = session(world.proxy, CODER, CTOKEN)
+    coder = world.proxy.session(CODER, CTOKEN)
     url = f"{world.inbound.url}/call-deployer"
     assert coder.get(url, timeout=10).status_code == 200
     world.proxy.cli("kill", DEPLOYER, "--reason", "inbound")
@@ -352,7 +344,7 @@ def test_a_client_that_disconnects_while_parked_never_reaches_upstream(
     fire(world, gone, f"{world.ordered.url}/gone", 3, timeout=0.5).wait(20)  # clients give up
     assert {r["status"] for r in iter_jsonl(gone)} == {0}
     world.proxy.cli("resume", DEPLOYER)
-    sess = session(world.proxy, DEPLOYER, DTOKEN)
+    sess = world.proxy.session(DEPLOYER, DTOKEN)
     assert sess.get(f"{world.ordered.url}/marker", timeout=10).status_code == 200
     assert world.ordered.paths("/gone") == []
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from tests.rig import (
@@ -73,13 +72,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     api.server.shutdown()
 
 
-def session(proxy: Proxy, agent: str, token: str) -> requests.Session:
-    s = requests.Session()
-    s.trust_env = False
-    s.proxies = {"http": proxy.url(agent, token)}
-    return s
-
-
 def deploys(api: Upstream) -> list[str]:
     return [s.path for s in list(api.seen) if s.method == "POST" and s.path.startswith("/v2/")]
 
@@ -117,7 +109,7 @@ def test_seed_story_52_concurrent_deploys_from_4_replicas_exactly_3_reach_the_ap
 
     # The agent is now killed: every instance's next request of any kind is refused.
     for _ in range(4):
-        r = session(proxy, DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10)
+        r = proxy.session(DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10)
         assert r.status_code == 403
         assert r.json()["error"] == "agent_killed"
         assert r.json()["by"] == "policy:limits.actions.deploy"
@@ -136,12 +128,12 @@ def test_seed_story_52_concurrent_deploys_from_4_replicas_exactly_3_reach_the_ap
     assert "3/3 per 6h" in table
 
     proxy.cli("resume", DEPLOYER, "--reason", "fixed the loop")
-    assert session(proxy, DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10).status_code == 200
+    assert proxy.session(DEPLOYER, DTOKEN).get(f"{api.url}/health", timeout=10).status_code == 200
 
 
 def test_throttle_answers_429_with_retry_after_and_the_window_slides(world: World) -> None:
     proxy, api = world.proxy, world.api
-    s = session(proxy, CODER, CTOKEN)
+    s = proxy.session(CODER, CTOKEN)
     statuses = [s.get(f"{api.url}/t{i}", timeout=10).status_code for i in range(3)]
     assert statuses == [200, 200, 200]
     t3 = time.monotonic()
@@ -170,13 +162,13 @@ def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
     url = f"{world.api.url}/v2/projects/b/services"
     proxy = start_proxy(rules, state)
     try:
-        s = session(proxy, BUILDER, BTOKEN)
+        s = proxy.session(BUILDER, BTOKEN)
         assert [s.post(url, timeout=10).status_code for _ in range(2)] == [200, 200]
     finally:
         assert proxy.stop() == 0
     proxy = start_proxy(rules, state)
     try:
-        s = session(proxy, BUILDER, BTOKEN)
+        s = proxy.session(BUILDER, BTOKEN)
         r = s.post(url, timeout=10)
         assert r.status_code == 429, "the restart forgot the two deploys"
         # Raise the limit on hot reload: the two deploys still count.
@@ -199,7 +191,7 @@ def test_a_crash_errs_on_the_side_of_refusing(world: World, tmp_path: Path) -> N
     url = f"{world.api.url}/v2/projects/c/services"
     proxy = start_proxy(rules, state)
     try:
-        s = session(proxy, BUILDER, BTOKEN)
+        s = proxy.session(BUILDER, BTOKEN)
         assert s.post(url, timeout=10).status_code == 200  # 1 of 2
         # A deploy is made durable at once, not at the next periodic flush.
         wait_for(lambda: "actions.deploy" in (state / "state.json").read_text(), 5, "durable count")
@@ -209,7 +201,7 @@ def test_a_crash_errs_on_the_side_of_refusing(world: World, tmp_path: Path) -> N
     proxy = start_proxy(rules, state)
     try:
         # 1 recorded + 1 assumed lost in the last second before the crash = 2 = max.
-        r = session(proxy, BUILDER, BTOKEN).post(url, timeout=10)
+        r = proxy.session(BUILDER, BTOKEN).post(url, timeout=10)
         assert r.status_code == 429
         assert proxy.audit_events("limits.restored_after_crash")
     finally:
