@@ -40,7 +40,7 @@ from .cost import (
     usage_from_json,
 )
 from .health import Health, stale_after
-from .identity import INSTANCE_HEADER, instance_of, parse_proxy_auth
+from .identity import instance_of, parse_proxy_auth
 from .inflight import cut_clients
 from .limits import (
     Exceeded,
@@ -57,6 +57,7 @@ from .rules import (
     EMPTY,
     KILL_FILE,
     PRICING_FILE,
+    Agent,
     Kill,
     Loader,
     RulesError,
@@ -77,6 +78,7 @@ META_CALL = "axme_fw.call"  # its meter.Call, once reserved
 
 
 FLUSH_INTERVAL = 1.0
+MAX_JSON_BODY = 8 << 20  # an LLM JSON answer larger than this is not read for usage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,25 +146,43 @@ def with_include_usage(body: bytes) -> bytes | None:
     return json.dumps(obj).encode()
 
 
-def _scanning(scanner: StreamScanner) -> Callable[[bytes], bytes]:
-    """A ``response.stream`` callable: feed the scanner, pass every byte on unchanged, at once.
-
-    Raising here would stall the client connection, so it never raises."""
-
-    def chunk(data: bytes) -> bytes:
-        if data:
-            try:
-                scanner.feed(data)
-            except Exception:
-                log.exception("axme-fw: usage scanner failed on a chunk")
-        return data
-
-    return chunk
-
-
 def with_kill(rules: Ruleset, kill: Kill) -> Ruleset:
     """``rules`` with ``kill`` first in the kill list."""
     return rules.with_kills((kill, *rules.kills))
+
+
+_AUTH = b"proxy-authorization"
+_INSTANCE = b"x-agent-instance"
+
+
+def take_headers(req: http.Request) -> tuple[str | None, str | None]:
+    """Remove Proxy-Authorization and X-Agent-Instance in one pass; return their values.
+
+    Neither may leave the proxy. One pass over the raw fields instead of two
+    ``headers.pop`` calls: this runs on every request.
+    """
+    auth = instance = None
+    keep = []
+    for name, value in req.headers.fields:
+        low = name.lower()
+        if low == _AUTH:
+            auth = value.decode("latin-1")
+        elif low == _INSTANCE:
+            instance = value.decode("latin-1")
+        else:
+            keep.append((name, value))
+    if auth is not None or instance is not None:
+        req.headers.fields = tuple(keep)
+    return auth, instance
+
+
+def _active(flow: http.HTTPFlow) -> bool:
+    """Whether a flow is still in progress (no answer yet, streaming, or a live websocket)."""
+    if flow.error is not None:
+        return False
+    if flow.websocket is not None:
+        return flow.websocket.timestamp_end is None
+    return flow.response is None or flow.response.timestamp_end is None
 
 
 def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
@@ -203,6 +223,9 @@ class Firewall:
         self.passthrough: set[str] = set()  # CONNECT tunnels with no request seen inside (yet)
         self.lot = ParkingLot(self._audit, self._touch_live, self._park_limits)
         self.health = Health()
+        self._verified: dict[tuple[str, str], Agent] = {}  # (user, token) → agent, this ruleset
+        # LLM calls reserved and not yet settled, swept in case a flow ends unseen.
+        self.open_calls: dict[int, tuple[http.HTTPFlow, Call]] = {}
         self._health_dirty = False
         self.alerter: Alerter | None = None
         self._reloading = False
@@ -374,6 +397,8 @@ class Firewall:
                 rules = with_kill(rules, pending)  # written, but not read back yet
         old, self.rules = self.rules, rules
         if old.agents is not rules.agents:
+            self._verified = {}
+        if old.agents is not rules.agents:
             self.specs = {
                 name: agent_specs(a.limits) for name, a in rules.agents.items() if a.limits
             }
@@ -443,6 +468,9 @@ class Firewall:
                 if self.rules.kill_for(agent) is None:  # a killed agent is quiet by design
                     self._audit("agent.stale", agent=agent, stale_after=self._stale_after(agent))
                     self._alert("agent.stale", agent=agent, reason="no traffic or heartbeat")
+            for flow, call in list(self.open_calls.values()):
+                if not _active(flow):  # ended without our reader seeing the end
+                    self._meter_end(flow, call, complete=flow.error is None)
             if self._health_dirty:
                 self._touch_live()
                 self._windows_changed()  # the durable copy carries health too
@@ -500,9 +528,9 @@ class Firewall:
 
     # ------------------------------------------------------------ decisions
 
-    def _facts(self, flow: http.HTTPFlow) -> Facts:
+    def _facts(self, flow: http.HTTPFlow, header: str | None) -> Facts:
+        """Request facts; ``header`` is the Proxy-Authorization value already taken off."""
         req = flow.request
-        header = req.headers.pop("Proxy-Authorization", None)
         creds = parse_proxy_auth(header) if header else None
         if creds is None:
             creds = self.tunnel_auth.get(flow.client_conn.id)
@@ -510,6 +538,21 @@ class Firewall:
         host = req.host  # the destination, also for CONNECT
         is_connect = req.method == "CONNECT"
         return Facts(user, token, host, req.port, req.method, "" if is_connect else req.path)
+
+    def _decide(self, facts: Facts) -> Decision:
+        """:func:`policy.decide`, with verified credentials remembered for this ruleset.
+
+        Only credentials that matched are remembered (a wrong token is hashed every
+        time, so guesses cannot fill memory); the cache is dropped with the ruleset.
+        """
+        if facts.user is None or facts.token is None:
+            return decide(self.rules, facts)
+        key = (facts.user, facts.token)
+        agent = self._verified.get(key)
+        d = decide(self.rules, facts, agent)
+        if agent is None and d.reason != "unknown_agent" and facts.user in self.rules.agents:
+            self._verified[key] = self.rules.agents[facts.user]
+        return d
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
@@ -553,7 +596,8 @@ class Firewall:
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        facts = self._facts(flow)
+        auth, _instance = take_headers(flow.request)
+        facts = self._facts(flow, auth)
         cid = flow.client_conn.id
         if facts.user is not None and facts.token is not None:
             self.tunnel_auth[cid] = (facts.user, facts.token)
@@ -562,7 +606,7 @@ class Firewall:
             if refused is not None:
                 self._apply(flow, refused)
             return
-        d = decide(self.rules, facts)
+        d = self._decide(facts)
         if d.agent is not None and d.reason != "unknown_agent":
             self._heartbeat(d.agent, flow, None)
         if d.reason == "agent_killed" and not d.inbound and not self._passes_through(facts):
@@ -591,12 +635,12 @@ class Firewall:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # answered by another addon already
             return
-        instance_header = flow.request.headers.pop(INSTANCE_HEADER, None)
-        facts = self._facts(flow)
+        auth, instance_header = take_headers(flow.request)
+        facts = self._facts(flow, auth)
         if facts.host == CONTROL_HOST:
             self._control(flow, facts, instance_header)
             return
-        d = decide(self.rules, facts)
+        d = self._decide(facts)
         if d.agent is not None and d.reason != "unknown_agent":
             flow.metadata[META_AGENT] = d.agent
             self._heartbeat(d.agent, flow, instance_header)
@@ -606,8 +650,14 @@ class Firewall:
             if d.agent in self.specs and not self._admit(flow, d):
                 return
             self._track(cid, d.agent)
-            self.inflight.setdefault(cid, set()).add(flow)
-            kind = detect_api(flow.request.method, flow.request.path)
+            # Requests on one connection are mostly sequential: drop what has finished.
+            flows = self.inflight.get(cid)
+            if flows is None:
+                self.inflight[cid] = {flow}
+            else:
+                flows.intersection_update([f for f in flows if _active(f)])
+                flows.add(flow)
+            kind = detect_api(facts.method, facts.path)
             if kind is not None:
                 flow.metadata[META_LLM] = kind
                 # We read usage from the response: ask for it uncompressed.
@@ -677,6 +727,7 @@ class Firewall:
                 self._audit("cost.refused", agent=agent, reason=got.reason, detail=got.detail)
             return
         flow.metadata[META_CALL] = got
+        self.open_calls[id(got)] = (flow, got)
         if kind is ApiKind.OPENAI_CHAT and got.estimate.stream and not got.estimate.include_usage:
             # Streamed chat completions report usage only when asked to: ask (documented).
             patched = with_include_usage(body)
@@ -684,27 +735,55 @@ class Firewall:
                 flow.request.set_content(patched)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Stream SSE at once; read LLM responses as they pass, settling at their end.
+
+        Every LLM response is streamed through a callable (never buffered, JSON
+        included): the callable sees the last chunk, so no ``response`` hook is needed
+        on the per-request path. A failure here settles the call at once (charged its
+        prompt estimate): a reservation must never be left open.
+        """
+        resp = flow.response
+        if resp is None:
+            return
+        call = flow.metadata.get(META_CALL)
         try:
-            resp = flow.response
-            if resp is None:
-                return
             sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-            call = flow.metadata.get(META_CALL)
-            if call is not None and (sse or call.kind is ApiKind.GEMINI_STREAM):
-                call.scanner = StreamScanner(
-                    call.kind, resp.headers.get("content-encoding"), call.path_model
-                )
-                resp.stream = _scanning(call.scanner)
+            if call is not None:
+                if sse or call.kind is ApiKind.GEMINI_STREAM:
+                    call.scanner = StreamScanner(
+                        call.kind, resp.headers.get("content-encoding"), call.path_model
+                    )
+                else:
+                    call.body = bytearray()
+                resp.stream = self._metering(flow, call)
             elif sse:
                 resp.stream = True  # never buffer a stream: pass each chunk on at once
         except Exception:  # streaming and metering must never break the flow
             log.exception("axme-fw: responseheaders failed")
+            if call is not None:
+                self._meter_end(flow, call, complete=False)
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        call = flow.metadata.get(META_CALL)
-        if call is not None:
-            self._meter_end(flow, call, complete=True)
-        self._finished(flow)
+    def _metering(self, flow: http.HTTPFlow, call: Call) -> Callable[[bytes], bytes]:
+        """A ``response.stream`` callable: pass every byte on unchanged and at once, feed
+        the usage reader, settle on the final empty chunk. Never raises (a raise here
+        would stall the client connection)."""
+
+        def chunk(data: bytes) -> bytes:
+            try:
+                if not data:
+                    self._meter_end(flow, call, complete=True)
+                elif call.scanner is not None:
+                    call.scanner.feed(data)
+                elif call.body is not None:
+                    if len(call.body) + len(data) <= MAX_JSON_BODY:
+                        call.body += data
+                    else:
+                        call.body = None  # too big to be an LLM answer: charged as partial
+            except Exception:
+                log.exception("axme-fw: usage reader failed on a chunk")
+            return data
+
+        return chunk
 
     def error(self, flow: http.HTTPFlow) -> None:
         call = flow.metadata.get(META_CALL)
@@ -712,20 +791,6 @@ class Firewall:
             self._meter_end(flow, call, complete=False)
         if flow.client_conn.id in self.lot.awaiting:
             self.lot.step_done(flow.client_conn.id)
-        self._finished(flow)
-
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
-        self._finished(flow)
-
-    def _finished(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is not None and flow.websocket.timestamp_end is None:
-            return  # the upgrade response: the websocket lives on until websocket_end
-        cid = flow.client_conn.id
-        flows = self.inflight.get(cid)
-        if flows is not None:
-            flows.discard(flow)
-            if not flows:
-                del self.inflight[cid]
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         self.passthrough.add(flow.client_conn.id)
@@ -761,13 +826,15 @@ class Firewall:
         targets = {
             cid
             for cid in self.live.get(agent, ())
-            if cid in self.inflight or cid in self.passthrough
+            if cid in self.passthrough or any(_active(f) for f in self.inflight.get(cid, ()))
         }
         if not targets:
             return 0
 
         def answer(cid: str) -> tuple[http.HTTPFlow, http.Response] | None:
-            waiting = [f for f in self.inflight.get(cid, ()) if f.response is None]
+            waiting = [
+                f for f in self.inflight.get(cid, ()) if f.response is None and f.error is None
+            ]
             if len(waiting) != 1 or waiting[0].websocket is not None:
                 return None
             headers = {"Connection": "close"}
@@ -842,16 +909,17 @@ class Firewall:
                 usage = None
                 if call.scanner is not None:
                     usage = call.scanner.finish(complete)
-                elif resp is not None and complete:
+                elif resp is not None and complete and call.body is not None:
                     usage = usage_from_json(
                         call.kind,
-                        resp.raw_content or b"",
+                        bytes(call.body),
                         call.path_model,
                         resp.headers.get("content-encoding"),
                     )
                 # Sent but no usage seen: charged as partial, never silently free.
                 sent = resp is not None or flow.server_conn.timestamp_tcp_setup is not None
             now = time.time()
+            self.open_calls.pop(id(call), None)
             result = self.meter.settle(call, usage, sent, now)
             self._windows_changed()
             if result.usage is not None:

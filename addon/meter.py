@@ -43,7 +43,8 @@ class Call:
     spec: LimitSpec | None
     reservation: Reservation | None
     path_model: str | None
-    scanner: StreamScanner | None = None
+    scanner: StreamScanner | None = None  # streamed answers (SSE, Gemini streams)
+    body: bytearray | None = None  # JSON answers, collected as they pass (bounded)
     settled: bool = field(default=False)
 
 

@@ -79,11 +79,18 @@ def identify(
     return agent, None
 
 
-def decide(rules: Ruleset, facts: Facts) -> Decision:
-    """Decide one request or CONNECT. Pure: the same inputs give the same decision."""
-    agent, refusal = identify(rules, facts.user, facts.token)
-    if refusal is not None:
-        return refusal
+def decide(rules: Ruleset, facts: Facts, verified: Agent | None = None) -> Decision:
+    """Decide one request or CONNECT. Pure: the same inputs give the same decision.
+
+    ``verified``: the agent the caller already checked these credentials against (a
+    cache of :func:`identify` for this ruleset); skips the token hash.
+    """
+    if verified is not None:
+        agent: Agent | None = verified
+    else:
+        agent, refusal = identify(rules, facts.user, facts.token)
+        if refusal is not None:
+            return refusal
     name = agent.name if agent is not None else (facts.user or ANONYMOUS)
 
     kill = rules.kill_for(name)
@@ -119,31 +126,33 @@ def match_actions(rules: Ruleset, agent: Agent, facts: Facts) -> tuple[str, ...]
     A CONNECT only knows the host, so any allowed action on that host admits the
     tunnel; each request inside it is then checked in full.
     """
+    host = facts.host.lower()
+    hostport = f"{host}:{facts.port}"
+    connect = facts.method == "CONNECT"
+    path = facts.path.split("?", 1)[0]
+    actions = rules.actions
     matched: list[str] = []
     star = False
     for name in agent.allow:
         if name == "*":
             star = True
             continue
-        action = rules.actions[name]
-        if facts.method == "CONNECT":
-            ok = action.matches_host(facts.host, facts.port)
+        action = actions[name]
+        if connect:
+            ok = action.matches_target(host, hostport)
         else:
-            ok = action.matches(facts.host, facts.port, facts.method, facts.path)
+            ok = action.matches_request(host, hostport, facts.method, path)
         if ok:
             matched.append(name)
     if not matched and not star:
         return None
     # Actions an agent is limited on count even when "*" is what allows the request.
-    if star:
+    if star and not connect:
         for lim in agent.limits:
             if lim.key.startswith("actions."):
                 aname = lim.key[8:]
-                action = rules.actions[aname]
-                if (
-                    aname not in matched
-                    and facts.method != "CONNECT"
-                    and action.matches(facts.host, facts.port, facts.method, facts.path)
+                if aname not in matched and actions[aname].matches_request(
+                    host, hostport, facts.method, path
                 ):
                     matched.append(aname)
     return tuple(matched)

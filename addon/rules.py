@@ -63,15 +63,26 @@ class Action:
 
     def matches_host(self, host: str, port: int) -> bool:
         host = host.lower()
-        return bool(self._host_re.match(host) or self._host_re.match(f"{host}:{port}"))
+        return self.matches_target(host, f"{host}:{port}")
 
     def matches(self, host: str, port: int, method: str, path: str) -> bool:
         """Method, then path (query string ignored, see :func:`path_glob`), then host."""
+        host = host.lower()
+        return self.matches_request(host, f"{host}:{port}", method, path.split("?", 1)[0])
+
+    # The per-request path: the caller normalises once for every action it tries.
+
+    def matches_target(self, host: str, hostport: str) -> bool:
+        """``host`` lower-cased; ``hostport`` is ``host:port``."""
+        return bool(self._host_re.match(host) or self._host_re.match(hostport))
+
+    def matches_request(self, host: str, hostport: str, method: str, path: str) -> bool:
+        """As :meth:`matches`, with ``host`` lower-cased and ``path`` without its query."""
         if self.methods is not None and method not in self.methods:
             return False
-        if self._path_re is not None and not self._path_re.match(path.split("?", 1)[0]):
+        if self._path_re is not None and not self._path_re.match(path):
             return False
-        return self.matches_host(host, port)
+        return self.matches_target(host, hostport)
 
 
 def path_glob(pattern: str) -> str:

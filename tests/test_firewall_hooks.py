@@ -153,3 +153,20 @@ def test_invalid_rules_at_start_leave_nothing_allowed(tmp_path: Path, caplog) ->
     assert "YAML syntax error" in caplog.text
     if addon.audit is not None:
         addon.audit.close()
+
+
+def test_a_revoked_token_is_refused_after_reload_despite_the_credential_cache(
+    fw, tmp_path: Path
+) -> None:
+    f = request()
+    fw.requestheaders(f)
+    assert f.response is None  # verified, and now remembered
+    rules = tmp_path / "rules"
+    (rules / "agents.yaml").write_text(agents_yaml({"bot": ("n3w-t0k", ["api"])}))
+    fw._install(fw.loader.load())
+    f = request()
+    fw.requestheaders(f)
+    assert f.response is not None and f.response.status_code == 403
+    g = request(token="n3w-t0k")
+    fw.requestheaders(g)
+    assert g.response is None
