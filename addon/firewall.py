@@ -50,7 +50,7 @@ from .limits import (
     assume_lost,
     retry_after_header,
 )
-from .meter import Call, Meter, Refused, cost_detail
+from .meter import Call, Meter, Refused, cost_detail, usage_rows
 from .parking import ParkingLot
 from .policy import Decision, Facts, Verdict, decide, identify
 from .rules import (
@@ -1031,19 +1031,7 @@ class Firewall:
         out: dict[str, list[dict[str, Any]]] = {}
         for agent in [only] if only is not None else self.windows.agents():
             entry = self.specs.get(agent)
-            if entry is None:
-                continue
-            rows = []
-            for spec in entry.all():
-                used = self.windows.used(agent, spec.key, spec.per, now)
-                rows.append(
-                    {
-                        "key": spec.key,
-                        "used": used,
-                        "max": spec.max,
-                        "per": spec.per,
-                        "on_exceed": spec.on_exceed.value,
-                    }
-                )
-            out[agent] = rows
+            rows = usage_rows(self.windows, agent, entry.all() if entry else [], now)
+            if rows:
+                out[agent] = rows
         return out

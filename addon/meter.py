@@ -15,7 +15,9 @@ tokens).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .cost import ApiKind, Estimate, Pricing, StreamScanner, Usage, path_model, request_estimate
 from .limits import Exceeded, LimitSpec, OnExceed, Reservation, Windows
@@ -126,6 +128,30 @@ class Meter:
                 crossed = Exceeded(spec, used, spec.per)
             warn = spec.warn_at is not None and self.windows.warn_crossed(call.agent, spec, now)
         return Settled(usage, usd, priced is None, crossed, warn)
+
+
+def usage_rows(
+    windows: Windows, agent: str, limits: Sequence[Any], now: float
+) -> list[dict[str, Any]]:
+    """Each limit's use in its window, for status; plus the rolling day's spend when the
+    agent has no cost ceiling but has spent something (``max`` is then None)."""
+    rows = [
+        {
+            "key": lim.key,
+            "used": windows.used(agent, lim.key, lim.per, now),
+            "max": lim.max,
+            "per": lim.per,
+            "on_exceed": str(lim.on_exceed),
+        }
+        for lim in limits
+    ]
+    if not any(lim.key == TRACK.key for lim in limits):
+        spent = windows.used(agent, TRACK.key, TRACK.per, now)
+        if spent > 0:
+            rows.append(
+                {"key": TRACK.key, "used": spent, "max": None, "per": TRACK.per, "on_exceed": None}
+            )
+    return rows
 
 
 def cost_detail(ex: Exceeded) -> str:

@@ -20,6 +20,7 @@ from rich.text import Text
 from .health import Health, stale_after
 from .killswitch import read_enforced
 from .limits import Windows
+from .meter import usage_rows
 from .rules import Ruleset
 from .state import STORE_FILE, Store, read_live
 from .yamlnodes import format_duration
@@ -125,17 +126,9 @@ def _usage_from(rules: Ruleset, windows: Windows, now: float) -> dict[str, list[
     out = {}
     for name in windows.agents():
         agent = rules.agents.get(name)
-        if agent is not None:
-            out[name] = [
-                {
-                    "key": lim.key,
-                    "used": windows.used(name, lim.key, lim.per, now),
-                    "max": lim.max,
-                    "per": lim.per,
-                    "on_exceed": lim.on_exceed,
-                }
-                for lim in agent.limits
-            ]
+        rows = usage_rows(windows, name, agent.limits if agent is not None else (), now)
+        if rows:
+            out[name] = rows
     return out
 
 
@@ -169,9 +162,11 @@ def limit_text(u: dict[str, Any]) -> str:
     """``deploy 3/3 per 6h``, ``$0.04/$50 per 1d``."""
     key = str(u.get("key", "?")).removeprefix("actions.")
     per = format_duration(float(u.get("per", 0)))
-    used, most = float(u.get("used", 0)), float(u.get("max", 0))
+    used, most = float(u.get("used", 0)), u.get("max")
     if key == "cost_usd":
-        return f"${used:.2f}/${most:g} per {per}"
+        cap = f"/${float(most):g}" if most is not None else ""
+        return f"${used:.2f}{cap} per {per}"
+    most = float(most or 0)
     return f"{key} {used:g}/{most:g} per {per}"
 
 

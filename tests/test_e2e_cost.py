@@ -216,3 +216,17 @@ def test_20_concurrent_calls_at_95_percent_stay_within_the_documented_bound(worl
     one_estimate = 2000 * PRICES["test-gpt"]["output"] / 1e6 + 0.001
     assert after < 0.42 + one_estimate
     assert len([c for c in fake.calls if c["id"].startswith("b-")]) == admitted
+
+
+def test_status_shows_spend_of_an_agent_without_a_ceiling(world: World) -> None:
+    expected = sum(r["usd"] for r in usage_records(world.proxy, "spender"))
+    assert expected > 0
+
+    def row() -> dict[str, Any] | None:
+        status = json.loads(world.proxy.cli("status", "--json").stdout)
+        agent = next(r for r in status["agents"] if r["agent"] == "spender")
+        return next((u for u in agent["limits"] if u["key"] == "cost_usd"), None)
+
+    spend = wait_for(row, 5, "spend in status")
+    assert spend["max"] is None and spend["used"] == pytest.approx(expected)
+    assert f"${expected:.2f} per 1d" in world.proxy.cli("status").stdout
