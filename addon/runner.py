@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mitmproxy import options
+from mitmproxy import exceptions, options
 from mitmproxy.tools.dump import DumpMaster
 
 from .firewall import Firewall
@@ -36,10 +36,14 @@ def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = 
                 axme_state=str(state),
                 axme_rules=str(rules),
             )
-            opts.set(*sets)  # "option=value" strings, parsed by mitmproxy like --set
         except Exception as exc:  # OptionsError wraps our rules errors
             print(str(exc).removeprefix("Error in axme_fw: ").strip(), file=sys.stderr)
             return 1
+        try:
+            opts.set(*sets)  # "option=value" strings, parsed by mitmproxy like --set
+        except exceptions.OptionsError as exc:
+            print(f"axme-fw: --set: {exc}", file=sys.stderr)
+            return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
