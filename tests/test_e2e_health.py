@@ -255,3 +255,33 @@ def test_status_table_is_readable_at_80_columns_in_a_real_terminal(
     assert "killed" in rows[OTHER] and "a reason" in rows[OTHER]
     assert "folding" in text  # the long reason wraps inside its column, nothing cut
     assert "proxy pid" in text
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_status_watch_refreshes_in_place(world: World) -> None:
+    proxy = world.proxy
+    name = f"axme-watch-{proxy.port}"
+    cmd = f"AXME_FW_RULES={proxy.rules} AXME_FW_STATE={proxy.state} {AXME_FW} status --watch"
+    subprocess.run(
+        ["tmux", "new-session", "-d", "-s", name, "-x", "80", "-y", "40", cmd], check=True
+    )
+
+    def screen() -> str:
+        return subprocess.run(
+            ["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True, check=True
+        ).stdout
+
+    try:
+        wait_for(lambda: FLEET in screen(), 20, "the first frame")
+        assert "watch kill" not in screen()
+        proxy.cli("kill", FLEET, "--reason", "watch kill")
+
+        def refreshed() -> str | None:
+            frame = screen()
+            return frame if "watch kill" in frame else None
+
+        text = wait_for(refreshed, 10, "a refresh")
+        assert text.count("agent ") == 1  # redrawn in place, not appended below
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], check=False)
+        proxy.cli("resume", FLEET)
