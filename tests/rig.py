@@ -251,6 +251,12 @@ class Proxy:
     def audit_events(self, event: str) -> list[dict[str, Any]]:
         return [r for r in self.audit() if r.get("event") == event]
 
+    def edit_rules(self, name: str, text: str) -> None:
+        """Save ``NAME.yaml`` like an editor (rename) and wait until the proxy reloaded."""
+        before = len(self.audit_events("rules.reloaded"))
+        replace_file(self.rules / f"{name}.yaml", text)
+        wait_for(lambda: len(self.audit_events("rules.reloaded")) > before, 10, "the reload")
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -313,6 +319,14 @@ def agents_yaml(entries: dict[str, tuple[str, list[str]]], **more: str) -> str:
         if name in more:
             lines += ["    " + line for line in more[name].strip("\n").splitlines()]
     return "\n".join(lines) + "\n"
+
+
+def make_rules(directory: Path, **files: str) -> Path:
+    """Create a rules directory with ``NAME.yaml`` for each ``NAME=text``; returns it."""
+    directory.mkdir(parents=True)
+    for name, text in files.items():
+        (directory / f"{name}.yaml").write_text(text)
+    return directory
 
 
 def replace_file(path: Path, text: str) -> None:

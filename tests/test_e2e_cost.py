@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests import fake_llm
-from tests.rig import Proxy, agents_yaml, replace_file, start_proxy, upstream_ca, wait_for
+from tests.rig import Proxy, agents_yaml, make_rules, start_proxy, upstream_ca, wait_for
 
 HERE = Path(__file__).parent
 PRICES = {  # USD per million tokens
@@ -68,11 +68,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("cost")
     _ca, server_ctx, ca_pem = upstream_ca(tmp)
     fake = fake_llm.start(server_ctx)
-    rules = tmp / "rules"
-    rules.mkdir()
-    (rules / "base.yaml").write_text(BASE)
-    (rules / "agents.yaml").write_text(agents())
-    (rules / "pricing.yaml").write_text(PRICING)
+    rules = make_rules(tmp / "rules", base=BASE, agents=agents(), pricing=PRICING)
     proxy = start_proxy(rules, tmp / "state", ca_pem)
     yield World(proxy, fake)
     proxy.stop()
@@ -160,9 +156,7 @@ def test_ceiling_kills_once_crossed_and_refuses_before_sending(world: World) -> 
     wait_for(lambda: spent(proxy, "capped") == pytest.approx(3 * per_call), 5, "status spend")
 
     # Raise the ceiling, then resume: calls go through again.
-    reloads = len(proxy.audit_events("rules.reloaded"))
-    replace_file(proxy.rules / "agents.yaml", agents(capped_max=1.0))
-    wait_for(lambda: len(proxy.audit_events("rules.reloaded")) > reloads, 10, "reload")
+    proxy.edit_rules("agents", agents(capped_max=1.0))
     proxy.cli("resume", "capped", "--reason", "raised the ceiling")
     assert call(world, "capped", "tok-c", "openai", "test-gpt", "cap-resumed")["status"] == 200
 

@@ -26,7 +26,6 @@ from tests.rig import (
     Upstream,
     agents_yaml,
     iter_jsonl,
-    replace_file,
     start_proxy,
     start_upstream,
     upstream_ca,
@@ -318,9 +317,7 @@ def test_paused_then_killed_parked_flows_get_403(
 
 
 def reload_to(world: World, text: str) -> None:
-    n = len(world.proxy.audit_events("rules.reloaded"))
-    replace_file(world.proxy.rules / "base.yaml", text)
-    wait_for(lambda: len(world.proxy.audit_events("rules.reloaded")) > n, 10, "the rules reload")
+    world.proxy.edit_rules("base", text)
 
 
 def test_park_timeout_and_park_full_answer_503(world: World, tmp_path: Path, resume_after) -> None:

@@ -18,6 +18,7 @@ from tests.rig import (
     Upstream,
     agents_yaml,
     iter_jsonl,
+    make_rules,
     start_proxy,
     start_upstream,
     wait_for,
@@ -62,10 +63,7 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("limits")
     api = start_upstream()
-    rules = tmp / "rules"
-    rules.mkdir()
-    (rules / "base.yaml").write_text(BASE)
-    (rules / "agents.yaml").write_text(agents())
+    rules = make_rules(tmp / "rules", base=BASE, agents=agents())
     proxy = start_proxy(rules, tmp / "state")
     yield World(proxy, api, tmp)
     proxy.stop()
@@ -155,10 +153,7 @@ def test_throttle_answers_429_with_retry_after_and_the_window_slides(world: Worl
 def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
     world: World, tmp_path: Path
 ) -> None:
-    rules, state = tmp_path / "rules", tmp_path / "state"
-    rules.mkdir()
-    (rules / "base.yaml").write_text(BASE)
-    (rules / "agents.yaml").write_text(agents())
+    rules, state = make_rules(tmp_path / "rules", base=BASE, agents=agents()), tmp_path / "state"
     url = f"{world.api.url}/v2/projects/b/services"
     proxy = start_proxy(rules, state)
     try:
@@ -172,11 +167,9 @@ def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
         r = s.post(url, timeout=10)
         assert r.status_code == 429, "the restart forgot the two deploys"
         # Raise the limit on hot reload: the two deploys still count.
-        n = len(proxy.audit_events("rules.reloaded"))
-        (rules / "agents.yaml").write_text(
-            agents().replace("deploy: {max: 2, per: 1h", "deploy: {max: 3, per: 1h")
+        proxy.edit_rules(
+            "agents", agents().replace("deploy: {max: 2, per: 1h", "deploy: {max: 3, per: 1h")
         )
-        wait_for(lambda: len(proxy.audit_events("rules.reloaded")) > n, 10, "reload")
         assert s.post(url, timeout=10).status_code == 200
         assert s.post(url, timeout=10).status_code == 429
     finally:
@@ -184,10 +177,7 @@ def test_counts_survive_a_restart_and_a_limit_change_does_not_reset_them(
 
 
 def test_a_crash_errs_on_the_side_of_refusing(world: World, tmp_path: Path) -> None:
-    rules, state = tmp_path / "rules", tmp_path / "state"
-    rules.mkdir()
-    (rules / "base.yaml").write_text(BASE)
-    (rules / "agents.yaml").write_text(agents())
+    rules, state = make_rules(tmp_path / "rules", base=BASE, agents=agents()), tmp_path / "state"
     url = f"{world.api.url}/v2/projects/c/services"
     proxy = start_proxy(rules, state)
     try:
