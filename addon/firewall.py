@@ -1,4 +1,4 @@
-"""The mitmproxy addon: identity, decisions, kill, park, cut. The only module importing mitmproxy.
+"""The mitmproxy addon's hooks: identity, decisions, limits, metering, kill, park, cut.
 
 Load it with ``axme-fw run`` or ``mitmdump -s addon/script.py --set axme_rules=rules``.
 
@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, http, tcp
+from mitmproxy import ctx, exceptions, http, tcp
 from mitmproxy.connection import Client
 
 from . import audit as audit_mod
@@ -259,11 +259,12 @@ class Firewall:
                 rules = self.loader.load()
             except RulesError as exc:
                 # At start-up there are no last good rules: refuse to start (fail closed).
-                raise ValueError("axme-fw: invalid rules:\n" + str(exc)) from None
+                # OptionsError makes mitmdump print the message and exit 1, no traceback.
+                raise exceptions.OptionsError("axme-fw: invalid rules:\n" + str(exc)) from None
             self._install(rules, initial=True)
             loaded = load_pricing_file(self.loader.directory)
             if isinstance(loaded, PricingError):
-                raise ValueError(f"axme-fw: invalid pricing: {loaded}")
+                raise exceptions.OptionsError(f"axme-fw: invalid pricing: {loaded}")
             self.meter.pricing = loaded
         if "axme_state" in updated or self.state_dir is None:
             self.state_dir = Path(ctx.options.axme_state)

@@ -139,18 +139,19 @@ def test_parse_proxy_auth(value: str, expected) -> None:
     assert parse_proxy_auth(value) == expected
 
 
-def test_invalid_rules_at_start_leave_nothing_allowed(tmp_path: Path, caplog) -> None:
+def test_invalid_rules_at_start_refuse_to_start_and_nothing_is_allowed(tmp_path: Path) -> None:
+    from mitmproxy import exceptions
+
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "bad.yaml").write_text("agents: [\n")
     addon = Firewall()
     with taddons.context(addon) as tctx:
-        # mitmproxy logs the configure error (and mitmdump exits 1 on an error at start-up).
-        tctx.configure(addon, axme_rules=str(rules), axme_state=str(tmp_path / "state"))
+        with pytest.raises(exceptions.OptionsError, match="YAML syntax error"):
+            tctx.configure(addon, axme_rules=str(rules), axme_state=str(tmp_path / "state"))
         f = request()
         addon.requestheaders(f)
         assert f.response is not None and f.response.status_code == 403
-    assert "YAML syntax error" in caplog.text
     if addon.audit is not None:
         addon.audit.close()
 
