@@ -586,14 +586,19 @@ class Firewall:
         self._audit_decision(flow, d)
         if d.verdict is Verdict.FORWARD:
             return True
-        if d.verdict is Verdict.AUTH:
-            flow.response = refusal(407, d.reason, None, d.detail)
-        elif d.verdict is Verdict.PARK:  # a passthrough CONNECT parks the tunnel itself
+        if d.verdict is Verdict.PARK:  # a passthrough CONNECT parks the tunnel itself
             assert d.agent is not None
             self.lot.park(flow, d.agent)
         else:
-            flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
+            self._refuse(flow, d)
         return False
+
+    def _refuse(self, flow: http.HTTPFlow, d: Decision) -> None:
+        """Answer 407 or 403 for ``d`` (report mode does not apply: see callers)."""
+        if d.verdict is Verdict.AUTH:
+            flow.response = refusal(407, d.reason, None, d.detail)
+        else:
+            flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
@@ -605,7 +610,7 @@ class Firewall:
         if facts.host == CONTROL_HOST:  # identity only: requests inside are answered by us
             _agent, refused = identify(self.rules, facts.user, facts.token)
             if refused is not None:
-                self._apply(flow, refused)
+                self._refuse(flow, refused)
             return
         d = self._decide(facts)
         if d.agent is not None and d.reason != "unknown_agent":
@@ -672,7 +677,7 @@ class Firewall:
         """
         agent, refused = identify(self.rules, facts.user, facts.token)
         if refused is not None:
-            self._apply(flow, refused)
+            self._refuse(flow, refused)
             return
         name = agent.name if agent is not None else (facts.user or "anonymous")
         path = flow.request.path.split("?", 1)[0].rstrip("/")

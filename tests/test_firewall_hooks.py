@@ -171,3 +171,27 @@ def test_a_revoked_token_is_refused_after_reload_despite_the_credential_cache(
     g = request(token="n3w-t0k")
     fw.requestheaders(g)
     assert g.response is None
+
+
+def test_report_mode_forwards_what_it_would_refuse_but_never_a_kill(tmp_path: Path) -> None:
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "base.yaml").write_text(BASE + "defaults: {mode: report, audit: {decisions: all}}\n")
+    (rules / "agents.yaml").write_text(agents_yaml({"bot": ("t0k", ["api"])}))
+    addon = Firewall()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, axme_rules=str(rules), axme_state=str(tmp_path / "state"))
+        f = request(host="elsewhere.example.com")  # not in the allow list
+        addon.requestheaders(f)
+        assert f.response is None  # forwarded, audited as would_deny
+        ctrl = request(token="wrong", host="axme-fw.local")
+        addon.requestheaders(ctrl)  # the control host never forwards, report mode or not
+        assert ctrl.response is not None and ctrl.response.status_code == 403
+        (rules / "kill.yaml").write_text("kills: [{agent: bot, reason: stop}]\n")
+        addon._install(addon.loader.load())
+        k = request()
+        addon.requestheaders(k)
+        assert k.response is not None and k.response.status_code == 403
+    addon.audit.close()
+    lines = (tmp_path / "state" / "audit.jsonl").read_text()
+    assert '"verdict":"would_deny"' in lines and '"reason":"action_not_allowed"' in lines
