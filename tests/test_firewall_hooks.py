@@ -188,10 +188,12 @@ def test_report_mode_forwards_what_it_would_refuse_but_never_a_kill(tmp_path: Pa
         addon.requestheaders(ctrl)  # the control host never forwards, report mode or not
         assert ctrl.response is not None and ctrl.response.status_code == 403
         (rules / "kill.yaml").write_text("kills: [{agent: bot, reason: stop}]\n")
+        assert addon.loader is not None
         addon._install(addon.loader.load())
         k = request()
         addon.requestheaders(k)
         assert k.response is not None and k.response.status_code == 403
+    assert addon.audit is not None
     addon.audit.close()
     lines = (tmp_path / "state" / "audit.jsonl").read_text()
     assert '"verdict":"would_deny"' in lines and '"reason":"action_not_allowed"' in lines
