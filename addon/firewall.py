@@ -236,7 +236,8 @@ class Firewall:
         self.windows = Windows()
         self.meter = Meter(self.windows, None)
         self.specs: dict[str, AgentSpecs] = {}
-        self.pending_kills: dict[str, Kill] = {}  # auto-kills not yet seen in kill.yaml
+        # Auto-kills enforced in memory until kill.yaml has them: agent → (kill, written).
+        self.pending_kills: dict[str, tuple[Kill, bool]] = {}
         self.store: Store | None = None
         self._windows_dirty = False
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -391,15 +392,16 @@ class Firewall:
 
     def _install(self, rules: Ruleset, initial: bool = False, spare: str | None = None) -> None:
         """Swap in ``rules``; cut in-flight work of newly killed agents (except ``spare``)."""
-        for agent, pending in list(self.pending_kills.items()):
-            if rules.kill_for(agent) is not None:
-                del self.pending_kills[agent]  # kill.yaml has it (or a glob covers it)
+        for agent, (pending, written) in list(self.pending_kills.items()):
+            if written or rules.kill_for(agent) is not None:
+                # kill.yaml has it (or had it: from here on the file is the truth,
+                # so `axme-fw resume` works as for any kill).
+                del self.pending_kills[agent]
             else:
-                rules = with_kill(rules, pending)  # written, but not read back yet
+                rules = with_kill(rules, pending)  # not in kill.yaml yet: keep enforcing it
         old, self.rules = self.rules, rules
-        if old.agents is not rules.agents:
+        if old.agents is not rules.agents:  # tokens or limits may have changed
             self._verified = {}
-        if old.agents is not rules.agents:
             self.specs = {
                 name: agent_specs(a.limits) for name, a in rules.agents.items() if a.limits
             }
@@ -975,7 +977,7 @@ class Firewall:
         it, so a reload racing the write cannot drop it. ``axme-fw resume`` undoes it.
         """
         kill = Kill(agent, mode, detail, f"policy:limits.{spec.key}", audit_mod.now_iso())  # type: ignore[arg-type]
-        self.pending_kills[agent] = kill
+        self.pending_kills[agent] = (kill, False)
         # What was admitted under the limit goes on; only what comes next is refused.
         self._install(self.rules, spare=agent)
         self._audit(
@@ -986,27 +988,40 @@ class Firewall:
             reason=detail,
             by=kill.by,
         )
+        self._write_auto_kill(kill)
+
+    def _write_auto_kill(self, kill: Kill, attempt: int = 1) -> None:
+        """Record an auto-kill in kill.yaml off the loop; retry while it cannot be written
+        (e.g. a hand-broken kill.yaml): the kill is enforced in memory meanwhile."""
         assert self.loop is not None and self.loader is not None
         future = self.loop.run_in_executor(
             self.writer,
             killswitch.kill,
             self.loader.directory,
-            agent,
-            mode,
-            detail,
+            kill.agent,
+            kill.mode,
+            kill.reason,
             kill.by,
             kill.at,
         )
-        future.add_done_callback(functools.partial(self._auto_kill_written, agent))
+        future.add_done_callback(functools.partial(self._auto_kill_written, kill, attempt))
 
-    def _auto_kill_written(self, agent: str, future: asyncio.Future[killswitch.Change]) -> None:
+    def _auto_kill_written(
+        self, kill: Kill, attempt: int, future: asyncio.Future[killswitch.Change]
+    ) -> None:
         try:
             change = future.result()
-        except Exception as exc:  # kill.yaml unreadable: the kill holds in memory until restart
-            log.error("axme-fw: auto-kill of %s not written to kill.yaml: %s", agent, exc)
-            self._audit("agent.auto_kill_unsaved", agent=agent, error=str(exc))
+        except Exception as exc:
+            log.error("axme-fw: auto-kill of %s not written to kill.yaml: %s", kill.agent, exc)
+            if attempt == 1:
+                self._audit("agent.auto_kill_unsaved", agent=kill.agent, error=str(exc))
+            if self.loop is not None and kill.agent in self.pending_kills:
+                retry = functools.partial(self._write_auto_kill, kill, attempt + 1)
+                self.loop.call_later(min(30.0, 0.5 * 2**attempt), retry)
         else:
-            self._audit("kill.written", agent=agent, revision=change.revision)
+            if kill.agent in self.pending_kills:
+                self.pending_kills[kill.agent] = (kill, True)
+            self._audit("kill.written", agent=kill.agent, revision=change.revision)
 
     def _windows_changed(self, urgent: bool = False) -> None:
         self._windows_dirty = True

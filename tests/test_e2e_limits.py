@@ -196,3 +196,27 @@ def test_a_crash_errs_on_the_side_of_refusing(world: World, tmp_path: Path) -> N
         assert proxy.audit_events("limits.restored_after_crash")
     finally:
         proxy.stop()
+
+
+def test_an_auto_kill_holds_while_kill_yaml_is_broken_and_is_written_once_fixed(
+    world: World, tmp_path: Path
+) -> None:
+    rules = make_rules(tmp_path / "rules", base=BASE, agents=agents(), kill="kills: []\n")
+    proxy = start_proxy(rules, tmp_path / "state")
+    try:
+        # Hand-broken: the proxy keeps the last good rules, and the CLI cannot write it.
+        (rules / "kill.yaml").write_text("kills:\n  - agent: [broken\n")
+        wait_for(lambda: proxy.audit_events("rules.rejected"), 10, "the broken file rejected")
+        s = proxy.session(DEPLOYER, DTOKEN)
+        url = f"{world.api.url}/v2/projects/k/services"
+        assert [s.post(url, timeout=10).status_code for _ in range(4)] == [200, 200, 200, 403]
+        wait_for(lambda: proxy.audit_events("agent.auto_kill_unsaved"), 10, "the failed write")
+        r = s.get(f"{world.api.url}/still-killed", timeout=10)
+        assert r.status_code == 403 and r.json()["error"] == "agent_killed"
+        (rules / "kill.yaml").write_text("kills: []\n")  # the operator fixes the file
+        wait_for(lambda: "policy:limits" in (rules / "kill.yaml").read_text(), 10, "the retry")
+        assert s.get(f"{world.api.url}/still-killed", timeout=10).status_code == 403
+        proxy.cli("resume", DEPLOYER)
+        assert s.get(f"{world.api.url}/free", timeout=10).status_code == 200
+    finally:
+        proxy.stop()
