@@ -909,12 +909,12 @@ class Firewall:
 
     def _meter_end(self, flow: http.HTTPFlow, call: Call, complete: bool) -> None:
         """Settle an LLM call with what its response said; never raises."""
+        resp = flow.response
+        usage, sent = None, True
         try:
-            resp = flow.response
             if resp is not None and resp.status_code >= 400:
-                usage, sent = None, False  # an error answer costs nothing
+                sent = False  # an error answer costs nothing
             else:
-                usage = None
                 if call.scanner is not None:
                     usage = call.scanner.finish(complete)
                 elif resp is not None and complete and call.body is not None:
@@ -926,6 +926,9 @@ class Firewall:
                     )
                 # Sent but no usage seen: charged as partial, never silently free.
                 sent = resp is not None or flow.server_conn.timestamp_tcp_setup is not None
+        except Exception:  # reading failed: still settle (the prompt estimate, partial)
+            log.exception("axme-fw: could not read the usage of a call of %s", call.agent)
+        try:
             now = time.time()
             self.open_calls.pop(id(call), None)
             result = self.meter.settle(call, usage, sent, now)
