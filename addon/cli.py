@@ -25,7 +25,6 @@ from . import audit as audit_mod
 from . import killswitch
 from .rules import (
     GENERATED_AGENTS_FILE,
-    KILL_FILE,
     Loader,
     RulesError,
     Ruleset,
@@ -413,8 +412,6 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
 
     Example: axme-fw agent add deployer --allow llm --allow deploy
     """
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         fail(f"agent name {name!r}: use letters, digits, '.', '_' and '-'", 2)
     current = load_rules(rules_dir) if rules_dir.is_dir() else None
@@ -482,7 +479,3 @@ def env(agent_name: str, token: str, proxy: str, state_dir: Path) -> None:
     for key, value in lines.items():
         quote = '"' if value.startswith("http") and "$" in value else "'"
         click.echo(f"export {key}={quote}{value}{quote}")
-
-
-def _unused() -> None:  # pragma: no cover - keep the import used for type checkers
-    _ = KILL_FILE
