@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,18 +133,15 @@ def test_throttle_answers_429_with_retry_after_and_the_window_slides(world: Worl
     s = proxy.session(CODER, CTOKEN)
     statuses = [s.get(f"{api.url}/t{i}", timeout=10).status_code for i in range(3)]
     assert statuses == [200, 200, 200]
-    t3 = time.monotonic()
     r = s.get(f"{api.url}/t3", timeout=10)
     assert r.status_code == 429
     assert r.headers["X-Axme-Fw-Decision"] == "limit_exceeded"
     retry = int(r.headers["Retry-After"])
     assert 1 <= retry <= 2
     assert "/t3" not in api.paths("/t3")
-    # Still throttled, not killed: once the window slides, requests pass again.
-    ok = wait_for(
-        lambda: s.get(f"{api.url}/t4", timeout=10).status_code == 200, 5, "the window to slide"
-    )
-    assert ok and time.monotonic() - t3 <= retry + 1
+    # Throttled, not killed: once the 2 s window slides, requests pass again (the exact
+    # Retry-After arithmetic is unit-tested with an injected clock in test_limits.py).
+    wait_for(lambda: s.get(f"{api.url}/t4", timeout=10).status_code == 200, 5, "the slide")
     assert not [k for k in proxy.audit_events("agent.auto_killed") if k["agent"] == CODER]
     assert [t for t in proxy.audit_events("limit.throttled") if t["agent"] == CODER]
 
