@@ -422,12 +422,13 @@ class Firewall:
                 and old.kill_for(agent) != kill
                 and agent != spare
             ):
-                cut = self.cut(agent, kill)
+                connections, flows = self.cut(agent, kill)
                 self._audit(
                     "kill.enforced",
                     agent=agent,
                     pattern=kill.agent,
-                    cut=cut,
+                    flows_cut=flows,
+                    connections_cut=connections,
                     revision=rules.kill_revision,
                 )
         for agent in self.lot.agents():
@@ -825,19 +826,22 @@ class Firewall:
 
     # ------------------------------------------------------------ in-flight work and parking
 
-    def cut(self, agent: str, kill: Kill) -> int:
-        """End every client connection of ``agent`` with work in progress; returns how many.
+    def cut(self, agent: str, kill: Kill) -> tuple[int, int]:
+        """End every client connection of ``agent`` with work in progress.
 
+        Returns (connections cut, flows ended: requests, streams, websockets, tunnels).
         A request still waiting for its response is first answered with the JSON 403.
         Idle keep-alive connections stay open: their next request is refused with 403.
         """
-        targets = {
-            cid
-            for cid in self.live.get(agent, ())
-            if cid in self.passthrough or any(_active(f) for f in self.inflight.get(cid, ()))
-        }
+        flows = 0
+        targets = set()
+        for cid in self.live.get(agent, ()):
+            active = sum(1 for f in self.inflight.get(cid, ()) if _active(f))
+            if active or cid in self.passthrough:
+                targets.add(cid)
+                flows += active or 1  # a passed-through tunnel is one flow
         if not targets:
-            return 0
+            return 0, 0
 
         def answer(cid: str) -> tuple[http.HTTPFlow, http.Response] | None:
             waiting = [
@@ -848,7 +852,7 @@ class Firewall:
             headers = {"Connection": "close"}
             return waiting[0], refusal(403, "agent_killed", agent, kill.reason, kill, headers)
 
-        return cut_clients(targets, answer)
+        return cut_clients(targets, answer), flows
 
     def server_connected(self, data: Any) -> None:
         if self.lot.awaiting:

@@ -166,7 +166,7 @@ def test_kill_cuts_an_sse_stream_but_not_another_agents(
     assert not theirs_done.is_set()
     assert all(t < t_kill + 1.0 for t in mine)
     cut = [r for r in world.proxy.audit_events("kill.enforced") if r["agent"] == DEPLOYER]
-    assert cut and cut[-1]["cut"] >= 1
+    assert cut and cut[-1]["flows_cut"] >= 1 and cut[-1]["connections_cut"] >= 1
 
 
 def test_kill_closes_a_websocket(world: World, resume_after) -> None:
