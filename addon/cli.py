@@ -29,8 +29,10 @@ from .rules import (
     RulesError,
     Ruleset,
     atomic_write,
+    is_pattern,
     token_digest,
 )
+from .yamlnodes import parse_duration
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 RULES_OPT = click.option(
@@ -158,7 +160,7 @@ def _kill(
     try:
         _wait(state_dir, change.revision, no_wait, verb, written)
     finally:
-        if not any(c in agent for c in "*?[") and not _defined(rules_dir, agent):
+        if not is_pattern(agent) and not _defined(rules_dir, agent):
             click.echo(f"axme-fw: warning: no agent {agent!r} in the rules", err=True)
 
 
@@ -288,10 +290,9 @@ def parse_since(value: str | None) -> str | None:
         return None
     from datetime import UTC, datetime, timedelta
 
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h|d)", value)
-    if match:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        then = datetime.now(UTC) - timedelta(seconds=float(match.group(1)) * unit)
+    seconds = parse_duration(value)
+    if seconds is not None:
+        then = datetime.now(UTC) - timedelta(seconds=seconds)
     else:
         try:
             then = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -185,7 +185,7 @@ class Ruleset:
 
     def __post_init__(self) -> None:
         for kill in self.kills:
-            if any(c in kill.agent for c in "*?["):
+            if is_pattern(kill.agent):
                 pat = re.compile(fnmatch.translate(kill.agent))
                 object.__setattr__(self, "_kill_globs", (*self._kill_globs, (pat, kill)))
             else:
@@ -635,6 +635,11 @@ def _known(actions: Mapping[str, object]) -> str:
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_pattern(name: str) -> bool:
+    """Whether a kill-list ``agent`` is a glob (``deploy-*``, ``*``) rather than a name."""
+    return any(c in name for c in "*?[")
 
 
 def atomic_write(path: Path, data: str) -> None:

@@ -8,7 +8,6 @@ refreshed a few times a second while something changes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +60,8 @@ _DOC_IDS = {"windows": 1, "health": 2}
 def _make_storage() -> type:
     from tinydb.storages import JSONStorage
 
+    from .rules import atomic_write
+
     class AtomicJSONStorage(JSONStorage):
         """TinyDB's JSON storage, but written to a temp file and renamed into place,
         so a crash mid-write leaves the previous copy, never a torn file."""
@@ -70,19 +71,11 @@ def _make_storage() -> type:
             self._target = Path(path)
 
         def read(self) -> dict[str, Any] | None:
-            try:
-                data = json.loads(self._target.read_text())
-            except (OSError, ValueError):
-                return None  # missing or unreadable: start empty (the counters err low)
-            return data if isinstance(data, dict) else None
+            # Missing or unreadable: start empty (restore then errs on nothing known).
+            return read_json(self._target)
 
         def write(self, data: dict[str, Any]) -> None:
-            tmp = self._target.with_name(f".{self._target.name}.tmp")
-            with open(tmp, "w") as fh:
-                json.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._target)
+            atomic_write(self._target, json.dumps(data))
 
     return AtomicJSONStorage
 

@@ -21,7 +21,7 @@ from .health import Health, stale_after
 from .killswitch import read_enforced
 from .limits import Windows
 from .meter import usage_rows
-from .rules import Ruleset
+from .rules import Ruleset, is_pattern
 from .state import STORE_FILE, Store, read_live
 from .yamlnodes import format_duration
 
@@ -70,7 +70,7 @@ def gather(rules: Ruleset, state_dir: Path, now: float | None = None) -> dict[st
     names = sorted(
         set(rules.agents)
         | set(health.agents)
-        | {k.agent for k in rules.kills if not any(c in k.agent for c in "*?[")}
+        | {k.agent for k in rules.kills if not is_pattern(k.agent)}
     )
     agents = []
     for name in names:

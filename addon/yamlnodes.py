@@ -146,15 +146,21 @@ def fraction(node: yaml.Node, key: str, errors: Errors) -> float | None:
     return value
 
 
+def parse_duration(text: str) -> float | None:
+    """``30s``, ``5m``, ``1h``, ``1d`` (also ``ms``) → seconds; None when not a duration."""
+    match = _DURATION.match(text)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else None
+
+
 def duration(node: yaml.Node, key: str, errors: Errors) -> float | None:
-    """``30s``, ``5m``, ``1h``, ``1d`` (also ``ms``) → seconds."""
+    """A positive duration (see :func:`parse_duration`), else an error at the node."""
     raw = node.value if isinstance(node, yaml.ScalarNode) else None
-    match = _DURATION.match(str(raw)) if raw is not None else None
-    if match is None or float(match.group(1)) <= 0:
+    seconds = parse_duration(str(raw)) if raw is not None else None
+    if seconds is None or seconds <= 0:
         shown = repr(raw) if raw is not None else kind(node)
         errors.add(node, key, f"bad duration {shown} (use 30s, 5m, 1h, 1d)")
         return None
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
