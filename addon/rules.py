@@ -32,6 +32,9 @@ GENERATED_AGENTS_FILE = "agents.generated.yaml"
 PRICING_FILE = "pricing.yaml"  # its own format (axme_fw.cost), not merged into the rules
 
 DEFAULT_STALE_AFTER = 300.0
+EMPTY_FILE = (
+    "empty file: a rules file holds at least one key (to remove its rules, delete the file)"
+)
 ON_EXCEED = ("kill", "park", "throttle")
 
 
@@ -257,9 +260,15 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 def parse_file(path: Path, text: str, shown: str) -> _FilePart:
     errors = y.Errors(shown)
     part = _FilePart(errors.items, digest=hashlib.sha256(text.encode()).digest())
-    root = y.compose(text, errors)
+    root = y.compose(text, errors) if text.strip() else None
+    if errors.items:
+        return part
     if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
-        return part  # an empty file contributes nothing
+        # Never "a file with no rules": an in-place save (truncate, then write) or a stray
+        # `> agents.yaml` would otherwise make every agent in it unknown. Deleting the
+        # file is how its rules are removed.
+        errors.add(None, "", EMPTY_FILE)
+        return part
     for name, _knode, value in y.mapping(root, "", errors, _TOP):
         if name == "version":
             if not (isinstance(value, yaml.ScalarNode) and value.value == "1"):
@@ -503,6 +512,8 @@ class Loader:
                     # the part's digest is then the SHA-256 of these very bytes.
                     part = parse_file(path, raw.decode("utf-8"), str(path))
             except FileNotFoundError:
+                if path.is_symlink():  # broken, not removed: never "no rules" by accident
+                    raise RulesError([f"{path}:1: symlink to a missing file"]) from None
                 continue  # removed between glob and read: it no longer contributes
             except (OSError, UnicodeDecodeError) as exc:
                 raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
@@ -523,13 +534,17 @@ class Loader:
         if not self._cache:
             return None
         try:
-            raw = path.read_bytes()
+            raw: bytes | None = path.read_bytes()
         except FileNotFoundError:
-            raw = b""
+            raw = None  # deleted: it no longer contributes (an *empty* kill.yaml is invalid)
         except OSError as exc:
             raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
         try:
-            part = parse_file(path, raw.decode("utf-8"), str(path))
+            part = (
+                parse_file(path, raw.decode("utf-8"), str(path))
+                if raw is not None
+                else _FilePart([])
+            )
         except UnicodeDecodeError as exc:
             raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
         if part.errors:
@@ -537,7 +552,7 @@ class Loader:
         if part.defaults or part.actions or part.agents or part.alerts or part.invalid_actions:
             return None
         cache = {k: v for k, v in self._cache.items() if k != path}
-        if raw:
+        if raw is not None:
             cache[path] = (hashlib.sha256(raw).digest(), part)
         self._cache = dict(sorted(cache.items()))
         kills: list[Kill] = []

@@ -40,7 +40,7 @@ agents:
 """
 
 KILLS = {
-    "none": "",
+    "none": "kills: []\n",
     "deployer": "kills: [{agent: deployer, reason: runaway deploys, by: 'cli:alice'}]\n",
     "deployer-park": "kills: [{agent: deployer, mode: park, reason: hold}]\n",
     "glob": "kills: [{agent: 'deploy-*', reason: region down}]\n",
