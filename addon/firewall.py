@@ -25,9 +25,10 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http, tcp
 from mitmproxy.connection import Client
+from mitmproxy.net.http import url
 
 from . import audit as audit_mod
-from . import killswitch
+from . import canonical, killswitch
 from .alerts import Alerter
 from .answers import refusal
 from .cost import (
@@ -52,7 +53,7 @@ from .limits import (
 )
 from .meter import Call, Meter, Refused, cost_detail, usage_rows
 from .parking import ParkingLot
-from .policy import Decision, Facts, Verdict, decide, identify
+from .policy import ANONYMOUS, Decision, Facts, Verdict, decide, identify
 from .rules import (
     EMPTY,
     KILL_FILE,
@@ -71,6 +72,8 @@ from .yamlnodes import format_duration
 log = logging.getLogger(__name__)
 
 CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
+HOST_MISMATCH = "host_mismatch"
+AMBIGUOUS_LENGTH = "ambiguous_length"
 SWEEP_INTERVAL = 0.25  # staleness checks
 META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
@@ -217,6 +220,7 @@ class Firewall:
         # Credentials remembered per client connection after a CONNECT (requests inside
         # the tunnel carry none of their own).
         self.tunnel_auth: dict[str, tuple[str, str]] = {}
+        self.tunnel_target: dict[str, tuple[str, int]] = {}  # client id → CONNECT host, port
         self.conn_agent: dict[str, str] = {}  # client connection id → agent
         self.live: dict[str, set[str]] = {}  # agent → client ids with work in progress
         self.inflight: dict[str, set[http.HTTPFlow]] = {}  # client id → flows in progress
@@ -254,6 +258,9 @@ class Firewall:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager connects upstream before our hooks run: a refused flow would touch upstream.
             ctx.options.update(connection_strategy="lazy")
+        if "validate_inbound_headers" in updated and not ctx.options.validate_inbound_headers:
+            # Request smuggling checks stay on: an egress firewall never trusts framing.
+            ctx.options.update(validate_inbound_headers=True)
         if "axme_rules" in updated or self.loader is None:
             self.loader = Loader(Path(ctx.options.axme_rules))
             try:
@@ -532,16 +539,76 @@ class Firewall:
 
     # ------------------------------------------------------------ decisions
 
-    def _facts(self, flow: http.HTTPFlow, header: str | None) -> Facts:
-        """Request facts; ``header`` is the Proxy-Authorization value already taken off."""
+    def _facts(self, flow: http.HTTPFlow, header: str | None) -> tuple[Facts, Decision | None]:
+        """Request facts in their one canonical spelling, and a refusal when there is none.
+
+        ``header`` is the Proxy-Authorization value already taken off. A path that
+        canonicalises differently from how it was sent is rewritten on the flow (the
+        upstream reads what the rules matched); one that cannot be read one way only,
+        a host spelled another way, a Host header or SNI that names another host than the
+        destination, or an ambiguous body length is refused, after identity (see
+        :mod:`axme_fw.canonical`).
+        """
         req = flow.request
         creds = parse_proxy_auth(header) if header else None
         if creds is None:
             creds = self.tunnel_auth.get(flow.client_conn.id)
         user, token = creds if creds is not None else (None, None)
-        host = req.host  # the destination, also for CONNECT
         is_connect = req.method == "CONNECT"
-        return Facts(user, token, host, req.port, req.method, "" if is_connect else req.path)
+        try:
+            host = canonical.host(req.host)  # the destination, also for CONNECT
+            method = canonical.method(req.method)
+            path = ""
+            if not is_connect:
+                p = canonical.path(req.path)
+                if p.changed:
+                    req.path = p.target
+                path = p.match
+            facts = Facts(user, token, host, req.port, method, path)
+            if not is_connect:
+                self._check_target(flow, facts)
+        except canonical.NotCanonical as exc:
+            raw = Facts(user, token, req.host.lower(), req.port, req.method, "")
+            agent, refused = identify(self.rules, user, token)
+            if refused is not None:
+                return raw, refused
+            name = agent.name if agent is not None else (user or ANONYMOUS)
+            return raw, Decision(Verdict.DENY, exc.reason, name, exc.detail)
+        return facts, None
+
+    def _check_target(self, flow: http.HTTPFlow, facts: Facts) -> None:
+        """Raise when the request names another host than where it goes, or its body
+        length is ambiguous (mitmproxy checks that too, unless validate_inbound_headers
+        is turned off: this check does not depend on it)."""
+        req = flow.request
+        target = self.tunnel_target.get(flow.client_conn.id)
+        if target is not None and target != (facts.host, facts.port):
+            raise canonical.NotCanonical(
+                HOST_MISMATCH,
+                f"request for {facts.host}:{facts.port} inside a tunnel to {target[0]}:{target[1]}",
+            )
+        names = [req.authority] if req.authority else []
+        names += req.headers.get_all("host")
+        sni = flow.client_conn.sni if target is not None else None
+        if sni:
+            names.append(f"{sni}:{facts.port}")
+        if len(req.headers.get_all("host")) > 1:
+            raise canonical.NotCanonical(HOST_MISMATCH, "more than one Host header")
+        default = 443 if req.scheme == "https" else 80
+        for name in names:
+            try:
+                h, p = url.parse_authority(name, check=True)
+            except ValueError:
+                raise canonical.NotCanonical(HOST_MISMATCH, f"bad Host {name[:100]!r}") from None
+            if canonical.host(h) != facts.host or (p or default) != facts.port:
+                raise canonical.NotCanonical(
+                    HOST_MISMATCH, f"Host {name[:100]!r} is not {facts.host}:{facts.port}"
+                )
+        lengths = req.headers.get_all("content-length")
+        if (lengths and "transfer-encoding" in req.headers) or len(lengths) > 1:
+            raise canonical.NotCanonical(
+                AMBIGUOUS_LENGTH, "both Content-Length and Transfer-Encoding, or two lengths"
+            )
 
     def _decide(self, facts: Facts) -> Decision:
         """:func:`policy.decide`, with verified credentials remembered for this ruleset.
@@ -596,6 +663,12 @@ class Firewall:
             self._refuse(flow, d)
         return False
 
+    def _refuse_always(self, flow: http.HTTPFlow, d: Decision) -> None:
+        """Refuse a request that cannot be matched safely, report mode or not: there is
+        no "would" for a path or host that means two things."""
+        self._audit_decision(flow, d)
+        self._refuse(flow, d)
+
     def _refuse(self, flow: http.HTTPFlow, d: Decision) -> None:
         """Answer 407 or 403 for ``d`` (report mode does not apply: see callers)."""
         if d.verdict is Verdict.AUTH:
@@ -606,10 +679,14 @@ class Firewall:
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         auth, _instance = take_headers(flow.request)
-        facts = self._facts(flow, auth)
+        facts, bad = self._facts(flow, auth)
+        if bad is not None:
+            self._apply(flow, bad)
+            return
         cid = flow.client_conn.id
         if facts.user is not None and facts.token is not None:
             self.tunnel_auth[cid] = (facts.user, facts.token)
+        self.tunnel_target[cid] = (facts.host, facts.port)
         if facts.host == CONTROL_HOST:  # identity only: requests inside are answered by us
             _agent, refused = identify(self.rules, facts.user, facts.token)
             if refused is not None:
@@ -645,7 +722,10 @@ class Firewall:
         if flow.response is not None:  # answered by another addon already
             return
         auth, instance_header = take_headers(flow.request)
-        facts = self._facts(flow, auth)
+        facts, bad = self._facts(flow, auth)
+        if bad is not None:
+            self._refuse_always(flow, bad)
+            return
         if facts.host == CONTROL_HOST:
             self._control(flow, facts, instance_header)
             return
@@ -808,6 +888,7 @@ class Firewall:
         cid = client.id
         self._closing.discard(cid)
         self.tunnel_auth.pop(cid, None)
+        self.tunnel_target.pop(cid, None)
         self.inflight.pop(cid, None)
         self.passthrough.discard(cid)
         agent = self.conn_agent.pop(cid, None)

@@ -110,8 +110,9 @@ def test_connect_remembers_credentials_for_requests_inside_the_tunnel(fw) -> Non
     connect.request.port = 443
     fw.http_connect(connect)
     assert connect.response is None
+    connect.client_conn.sni = "api.example.com"  # TLS inside the tunnel, as a client sends it
     inner = tflow.tflow(client_conn=connect.client_conn)
-    inner.request.host = "api.example.com"
+    inner.request.host, inner.request.port = "api.example.com", 443
     fw.requestheaders(inner)
     assert inner.response is None
     assert inner.metadata[firewall.META_AGENT] == "bot"
