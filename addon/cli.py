@@ -6,7 +6,6 @@ output is pure JSON on stdout.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
@@ -71,6 +70,40 @@ def load_rules(rules_dir: Path) -> Ruleset:
             else ""
         )
         fail(f"{first}{more}")
+
+
+def need_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a directory, else exit 1 naming the path and how to set it."""
+    if not path.is_dir():
+        opt, env_var = (
+            ("--rules", "AXME_FW_RULES") if what == "rules" else ("--state", "AXME_FW_STATE")
+        )
+        shown = f"{path} ({path.resolve()})" if not path.is_absolute() else str(path)
+        fail(f"{what} directory {shown} not found; set it with {opt} or {env_var}")
+    return path
+
+
+def rules_for_reading(rules_dir: Path, state_dir: Path) -> tuple[Ruleset, str | None]:
+    """The rules on disk; when they are broken, what the proxy enforces, plus a warning.
+
+    On-call runs ``status`` exactly when a rules file is broken: the proxy keeps its
+    last good rules then, and so does this. Exits 1 when neither can be had.
+    """
+    need_dir(rules_dir, "rules")
+    try:
+        return Loader(rules_dir).load(), None
+    except RulesError as exc:
+        from .snapshot import enforced_rules
+
+        enforced = enforced_rules(state_dir) if state_dir.is_dir() else None
+        more = f" (and {len(exc.messages) - 1} more)" if len(exc.messages) > 1 else ""
+        if enforced is None:
+            fail(f"{exc.messages[0]}{more}; and no proxy has published its rules in {state_dir}")
+        warning = (
+            f"warning: rules on disk are broken: {exc.messages[0]}{more}; showing the last "
+            f"good rules the proxy enforces (run `axme-fw rules check`)"
+        )
+        return enforced, warning
 
 
 def who() -> str:
@@ -145,6 +178,8 @@ def _wait(state_dir: Path, revision: int, no_wait: bool, verb: str, written: flo
 def _kill(
     rules_dir: Path, state_dir: Path, agent: str, mode: str, reason: str, no_wait: bool
 ) -> None:
+    need_dir(rules_dir, "rules")
+    need_dir(state_dir, "state")
     # Write first: checking the name needs the whole rule set parsed, which can take a
     # while on 10,000 agents, and a kill must not wait for a warning.
     written = time.monotonic()
@@ -217,6 +252,8 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
 
     Example: axme-fw resume deployer --reason "fixed the loop"
     """
+    need_dir(rules_dir, "rules")
+    need_dir(state_dir, "state")
     written = time.monotonic()
     try:
         change = killswitch.resume(rules_dir, agent)
@@ -250,28 +287,36 @@ def status(as_json: bool, watch: bool, rules_dir: Path, state_dir: Path) -> None
 
     Example: axme-fw status --watch
     """
-    from rich.console import Console
+    from rich.console import Console, Group
+    from rich.text import Text
 
     from .status import gather, render
 
-    rules = load_rules(rules_dir)
+    need_dir(state_dir, "state")
+    rules, warning = rules_for_reading(rules_dir, state_dir)
     if as_json:
-        click.echo(json.dumps(gather(rules, state_dir), indent=2))
+        data = gather(rules, state_dir)
+        data["rules_warning"] = warning
+        click.echo(json.dumps(data, indent=2))
         return
+    if warning is not None:
+        click.echo(f"axme-fw: {warning}", err=True)
     console = Console()
     if not watch:
         console.print(render(gather(rules, state_dir)))
         return
     from rich.live import Live
 
-    with Live(render(gather(rules, state_dir)), console=console, auto_refresh=False) as live:
+    def screen() -> Group:
+        shown = render(gather(rules, state_dir))
+        return Group(shown, Text(warning, style="yellow")) if warning else shown
+
+    with Live(screen(), console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(1.0)
-                # An edit in progress: keep showing the last good rules.
-                with contextlib.suppress(RulesError):
-                    rules = Loader(rules_dir).load()
-                live.update(render(gather(rules, state_dir)), refresh=True)
+                rules, warning = rules_for_reading(rules_dir, state_dir)
+                live.update(screen(), refresh=True)
         except KeyboardInterrupt:
             pass
 
@@ -341,6 +386,7 @@ def audit(
     """
     if ctx.invoked_subcommand is not None:
         return
+    need_dir(state_dir, "state")
     start = parse_since(since)
     for rec in audit_mod.read(state_dir / audit_mod.AUDIT_FILE):
         if agent is not None and rec.get("agent") != agent:
@@ -354,17 +400,44 @@ def audit(
 
 
 @audit.command(context_settings=CONTEXT)
-@STATE_OPT
-def verify(state_dir: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="State directory (default: `audit --state`, AXME_FW_STATE, ./state).",
+)
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool, state_dir: Path | None) -> None:
     """Check the hash chain; exit 1 naming the first bad line.
+
+    `axme-fw audit --state X verify` and `axme-fw audit verify --state X` are the same.
 
     Example: axme-fw audit verify --state state
     """
-    result = audit_mod.verify(state_dir / audit_mod.AUDIT_FILE)
+    group = ctx.parent
+    assert group is not None
+    for name, flag in (("agent", "--agent"), ("since", "--since"), ("show_all", "--all")):
+        if group.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            fail(f"{flag} does not apply to `audit verify` (it checks the whole log)", 2)
+    as_json = as_json or bool(group.params["as_json"])
+    state = need_dir(state_dir if state_dir is not None else group.params["state_dir"], "state")
+    path = state / audit_mod.AUDIT_FILE
+    result = audit_mod.verify(path)
+    if as_json:
+        out = {
+            "ok": result.ok,
+            "records": result.lines,
+            "problem": result.problem,
+            "file": str(path),
+        }
+        click.echo(json.dumps(out))
+        sys.exit(0 if result.ok else 1)
     if not result.ok:
         fail(result.problem)
     note = f" ({result.problem})" if result.problem else ""
-    click.echo(f"audit log intact: {result.lines} records{note}")
+    click.echo(f"audit log intact: {result.lines} records in {path}{note}")
 
 
 # ---------------------------------------------------------------- rules, agents, env
@@ -383,7 +456,7 @@ def check(directory: Path | None, rules_dir: Path) -> None:
 
     Example: axme-fw rules check rules/
     """
-    target = directory or rules_dir
+    target = need_dir(directory or rules_dir, "rules")
     try:
         rs = Loader(target).load()
     except RulesError as exc:
@@ -444,6 +517,46 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
         click.echo(token)
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def routed_loopback(rules: Ruleset, agent: str) -> str | None:
+    """What in the rules sends a loopback host through the proxy (None: nothing does).
+
+    NO_PROXY must never cover such a host: the client would connect directly, and
+    the firewall would neither see nor stop it. The loopback spellings are one host
+    for this purpose (``localhost`` resolves to ``127.0.0.1``).
+    """
+    import fnmatch
+
+    a = rules.agents.get(agent)
+    if a is not None and "*" in a.allow:
+        return f"agents.{agent}.allow: '*' (every destination)"
+    for name, action in rules.actions.items():
+        for pattern in action.hosts:
+            host = pattern.rsplit(":", 1)[0] if pattern.count(":") == 1 else pattern
+            if any(fnmatch.fnmatchcase(lb, host.strip("[]")) for lb in LOOPBACK):
+                return f"actions.{name}.hosts: {pattern}"
+    for other in rules.agents.values():
+        for address in other.addresses:
+            host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+            if host.strip("[]").lower() in LOOPBACK:
+                return f"agents.{other.name}.addresses: {address}"
+    return None
+
+
+def proxy_address(state_dir: Path) -> tuple[str, str | None]:
+    """``host:port`` of the proxy that last ran with ``state_dir`` (a wildcard bind as
+    loopback), and a note when it had to be assumed."""
+    ack = killswitch.read_enforced(state_dir)
+    listen = ack.get("listen") if ack is not None else None
+    if not listen:
+        return "127.0.0.1:8080", f"no proxy has run with {state_dir}: assuming 127.0.0.1:8080"
+    host, _, port = str(listen[0]).rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), None
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("agent_name", metavar="AGENT")
 @click.option(
@@ -454,23 +567,47 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
     help="The agent's token (or AXME_FW_TOKEN); by default a reference to that variable.",
 )
 @click.option(
-    "--proxy", default="127.0.0.1:8080", show_default=True, help="host:port of the proxy."
+    "--proxy",
+    default=None,
+    help="host:port of the proxy [default: where the proxy using --state listens].",
 )
+@RULES_OPT
 @STATE_OPT
-def env(agent_name: str, token: str, proxy: str, state_dir: Path) -> None:
+def env(agent_name: str, token: str, proxy: str | None, rules_dir: Path, state_dir: Path) -> None:
     """Print the export lines that point an agent's process at the proxy.
+
+    NO_PROXY covers loopback only when no rule routes loopback through the proxy;
+    otherwise it is empty, and a comment says which rule. Agents trust the firewall's
+    CA (in the state directory); the firewall checks upstream certificates itself.
 
     Example: eval "$(AXME_FW_TOKEN=... axme-fw env deployer)"
     """
+    need_dir(state_dir, "state")
+    rules, warning = rules_for_reading(rules_dir, state_dir)
+    if warning is not None:
+        click.echo(f"axme-fw: {warning}", err=True)
+    if agent_name not in rules.agents:
+        fail(
+            f"no agent {agent_name!r} in {rules_dir} (add it with `axme-fw agent add {agent_name}`)"
+        )
+    note = None
+    if proxy is None:
+        proxy, note = proxy_address(state_dir)
     ca = state_dir.resolve() / "mitmproxy-ca-cert.pem"
     url = f"http://{agent_name}:{token}@{proxy}"
+    routed = routed_loopback(rules, agent_name)
+    no_proxy = "" if routed is not None else ",".join(LOOPBACK)
+    if note is not None:
+        click.echo(f"# {note}")
+    if routed is not None:
+        click.echo(f"# NO_PROXY is empty: the rules send loopback through the proxy ({routed})")
     lines = {
         "HTTP_PROXY": url,
         "HTTPS_PROXY": url,
         "http_proxy": url,
         "https_proxy": url,
-        "NO_PROXY": "localhost,127.0.0.1,::1",
-        "no_proxy": "localhost,127.0.0.1,::1",
+        "NO_PROXY": no_proxy,
+        "no_proxy": no_proxy,
         "SSL_CERT_FILE": str(ca),
         "CURL_CA_BUNDLE": str(ca),
         "REQUESTS_CA_BUNDLE": str(ca),

@@ -28,7 +28,7 @@ from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 
 from . import audit as audit_mod
-from . import canonical, killswitch
+from . import canonical, killswitch, snapshot
 from .alerts import Alerter
 from .answers import refusal
 from .cost import (
@@ -73,7 +73,10 @@ log = logging.getLogger(__name__)
 
 CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
 HOST_MISMATCH = "host_mismatch"
+TWO_CREDENTIALS = "\0two"  # take_headers: more than one Proxy-Authorization header
 AMBIGUOUS_LENGTH = "ambiguous_length"
+HEADERS_TOO_LARGE = "headers_too_large"
+MAX_HEADERS = 64 << 10  # request header bytes: more is abuse, not an API call
 SWEEP_INTERVAL = 0.25  # staleness checks
 META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
@@ -169,7 +172,8 @@ def take_headers(req: http.Request) -> tuple[str | None, str | None]:
     for name, value in req.headers.fields:
         low = name.lower()
         if low == _AUTH:
-            auth = value.decode("latin-1")
+            # Two credentials are no credentials: which one a hop reads is a guess.
+            auth = value.decode("latin-1") if auth is None else TWO_CREDENTIALS
         elif low == _INSTANCE:
             instance = value.decode("latin-1")
         else:
@@ -177,6 +181,10 @@ def take_headers(req: http.Request) -> tuple[str | None, str | None]:
     if auth is not None or instance is not None:
         req.headers.fields = tuple(keep)
     return auth, instance
+
+
+def _write_json(path: Path, build: Callable[[Ruleset], object], rules: Ruleset) -> None:
+    atomic_write(path, json.dumps(build(rules)))
 
 
 def _active(flow: http.HTTPFlow) -> bool:
@@ -231,6 +239,7 @@ class Firewall:
         # LLM calls reserved and not yet settled, swept in case a flow ends unseen.
         self.open_calls: dict[int, tuple[http.HTTPFlow, Call]] = {}
         self._health_dirty = False
+        self._published: tuple[object, ...] = ()
         self.alerter: Alerter | None = None
         self._reloading = False
         self._reload_again = False
@@ -507,12 +516,22 @@ class Firewall:
             addrs = [f"{h}:{p}" for h, p, *_ in ps.listen_addrs()]
         except Exception:  # the test harness has no proxyserver
             pass
+        rules = self.rules
+        published = (rules.agents, rules.actions, rules.defaults)
+        if len(published) != len(self._published) or any(
+            a is not b for a, b in zip(published, self._published, strict=True)
+        ):
+            # What status and env read while a file on disk is broken (built off the loop).
+            self._published = published
+            path = self.state_dir / snapshot.RULES_FILE
+            self.loop.run_in_executor(self.writer, _write_json, path, snapshot.rules_json, rules)
         data = {
-            "revision": self.rules.kill_revision,
-            "rules": self.rules.digest,
+            "revision": rules.kill_revision,
+            "rules": rules.digest,
             "pid": os.getpid(),
             "listen": addrs,
             "at": audit_mod.now_iso(),
+            "kills": snapshot.kills_json(rules),
         }
         path = self.state_dir / killswitch.ENFORCED_FILE
         self.loop.run_in_executor(self.writer, atomic_write, path, json.dumps(data))
@@ -550,6 +569,9 @@ class Firewall:
         :mod:`axme_fw.canonical`).
         """
         req = flow.request
+        if header is TWO_CREDENTIALS:
+            no = Facts(None, None, req.host.lower(), req.port, req.method, "")
+            return no, Decision(Verdict.AUTH, "auth_required", None, "two Proxy-Authorization")
         creds = parse_proxy_auth(header) if header else None
         if creds is None:
             creds = self.tunnel_auth.get(flow.client_conn.id)
@@ -557,7 +579,8 @@ class Firewall:
         is_connect = req.method == "CONNECT"
         try:
             host = canonical.host(req.host)  # the destination, also for CONNECT
-            method = canonical.method(req.method)
+            # mitmproxy upper-cases .method but sends the bytes as they came: check those.
+            method = canonical.method(req.data.method.decode("utf-8", "replace"))
             path = ""
             if not is_connect:
                 p = canonical.path(req.path)
@@ -567,6 +590,8 @@ class Firewall:
             facts = Facts(user, token, host, req.port, method, path)
             if not is_connect:
                 self._check_target(flow, facts)
+                if req.host != host:
+                    req.host = host  # connect to the spelling the rules matched
         except canonical.NotCanonical as exc:
             raw = Facts(user, token, req.host.lower(), req.port, req.method, "")
             agent, refused = identify(self.rules, user, token)
@@ -581,6 +606,11 @@ class Firewall:
         length is ambiguous (mitmproxy checks that too, unless validate_inbound_headers
         is turned off: this check does not depend on it)."""
         req = flow.request
+        size = sum(len(k) + len(v) + 4 for k, v in req.headers.fields)
+        if size > MAX_HEADERS:
+            raise canonical.NotCanonical(
+                HEADERS_TOO_LARGE, f"request headers of {size} bytes (at most {MAX_HEADERS})"
+            )
         target = self.tunnel_target.get(flow.client_conn.id)
         if target is not None and target != (facts.host, facts.port):
             raise canonical.NotCanonical(
@@ -674,7 +704,8 @@ class Firewall:
         if d.verdict is Verdict.AUTH:
             flow.response = refusal(407, d.reason, None, d.detail)
         else:
-            flow.response = refusal(403, d.reason, d.agent, d.detail, d.kill)
+            status = 431 if d.reason == HEADERS_TOO_LARGE else 403
+            flow.response = refusal(status, d.reason, d.agent, d.detail, d.kill)
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:

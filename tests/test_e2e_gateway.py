@@ -364,6 +364,7 @@ def test_a_broken_kill_file_is_refused_and_the_last_good_kill_list_stays(world) 
 def test_20_concurrent_cli_kills_lose_nothing_and_keep_one_audit_chain(tmp_path: Path) -> None:
     rules, state = tmp_path / "rules", tmp_path / "state"
     rules.mkdir()
+    state.mkdir()  # a missing state directory is an error (test_e2e_hostile)
     (rules / "base.yaml").write_text(BASE)
     env = {k: v for k, v in os.environ.items() if k not in ("AXME_FW_RULES", "AXME_FW_STATE")}
     procs = [
@@ -417,7 +418,9 @@ def test_agent_add_prints_a_token_once_and_the_proxy_accepts_it(world) -> None:
     assert again.returncode == 1 and "already exists" in again.stderr
     env_lines = proxy.cli("env", "newbie", "--token", token, "--proxy", f"127.0.0.1:{proxy.port}")
     exports = dict(
-        line.removeprefix("export ").split("=", 1) for line in env_lines.stdout.splitlines()
+        line.removeprefix("export ").split("=", 1)
+        for line in env_lines.stdout.splitlines()
+        if not line.startswith("#")  # comments say why NO_PROXY is what it is
     )
     assert exports["HTTPS_PROXY"].strip("'\"") == proxy.url("newbie", token)
     assert exports["NODE_USE_ENV_PROXY"].strip("'\"") == "1"
