@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 ALL = "*"  # in the names handed on: reload every file
 QUIET = 0.5  # a file still open for writing: handed on after this long without an event
-SETTLE = 0.02  # the second hash of a file written in place, this long after the first
+SETTLE = 0.05  # the second hash of a file written in place, this long after the first
 TARGET_CHECK = 1.0  # backstop: how often a symlinked rules directory's target is checked
 
 
