@@ -1,0 +1,32 @@
+"""Benchmark package: axme-fw against bare mitmdump, side by side, in one run.
+
+Usage: scripts/bench [--quick] [--check] [--only SECTION,...]
+
+Sections (all by default, in this order):
+
+- ``throughput``: req/s, p50/p99 over plain-HTTP keep-alive and HTTPS (CONNECT + TLS)
+  to a fast local upstream; bare mitmdump (a) and the firewall with 1,000 agents and
+  100 actions (b), interleaved a, b, a, b, ...
+- ``sse``: time to first and last byte of an LLM-shaped event stream.
+- ``kill``: 4 client processes of one agent; from starting ``axme-fw kill`` (or from
+  renaming a prepared ``kill.yaml`` into place) to the first 403 seen by every one.
+- ``park``: ``axme-fw pause``, N parked requests, ``axme-fw resume``: release time,
+  arrival order at upstream, proxy RSS per parked flow.
+- ``decision``: ``policy.decide`` with 10 / 1,000 / 10,000 agents, and req/s through
+  the proxy with 10 vs 10,000 agents.
+- ``reload``: from an atomic rename of a 10,000-agent rules file to the new rule
+  being enforced.
+
+Everything is loopback (127.0.0.1); every load loop is bounded in count and time;
+every child process is stopped on exit, Ctrl-C included. Writes bench/results.json
+and docs/benchmarks.md, prints the table, and with ``--check`` exits 1 when a goal
+is missed.
+
+Layout: ``__main__`` (the command line) runs one module per section (``throughput``,
+``sse``, ``kill``, ``park``, ``decision``, ``reload``, each with ``run(rig)``) over the
+shared rig: ``rig`` (child processes, proxies, load runs), ``common`` (paths, sizes,
+clocks, statistics), ``fixtures`` (agents, rules and kill files), ``wire`` (HTTP/1.1
+client bits), ``report`` (rows, table, results.json, benchmarks.md), and the helper
+processes ``upstream`` and ``workers`` (load generator, kill worker), started as
+``python -m bench _upstream``, ``_load`` and ``_killworker``.
+"""
