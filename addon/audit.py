@@ -127,6 +127,7 @@ class AuditWriter:
         self.chain = Chain(state_dir / AUDIT_FILE)
         self.retry_delay = retry_delay  # seconds; attempt k waits k * retry_delay after failing
         self.dropped = 0  # records given up on; only the writer thread changes it
+        self.failing = False  # the last append failed (readiness reads it)
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="axme-fw-audit", daemon=True)
         self._thread.start()
@@ -163,6 +164,7 @@ class AuditWriter:
         for attempt in range(1, self.ATTEMPTS + 1):
             try:
                 self.chain.append(batch)
+                self.failing = False
                 return
             except Exception:  # disk full, permissions, a bug: keep the proxy up, say so loudly
                 log.exception(
@@ -172,6 +174,7 @@ class AuditWriter:
                     attempt,
                     self.ATTEMPTS,
                 )
+            self.failing = True
             if attempt < self.ATTEMPTS:
                 time.sleep(self.retry_delay * attempt)
         self.dropped += len(batch)

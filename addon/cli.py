@@ -132,25 +132,63 @@ def main() -> None:
 @click.option("--listen-host", default="127.0.0.1", show_default=True)
 @click.option("--listen-port", default=8080, show_default=True, type=click.IntRange(0, 65535))
 @click.option(
+    "--admin-listen",
+    envvar="AXME_FW_ADMIN_LISTEN",
+    default="127.0.0.1:8081",
+    show_default=True,
+    help="HOST:PORT of the admin API (/healthz, /readyz), or off (or AXME_FW_ADMIN_LISTEN).",
+)
+@click.option("--admin-cert", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--admin-key", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option(
+    "--admin-insecure", is_flag=True, help="Allow plain HTTP for the admin API off loopback."
+)
+@click.option(
     "--set", "sets", multiple=True, metavar="OPTION=VALUE", help="A mitmproxy option (repeatable)."
 )
 def run(
-    rules_dir: Path, state_dir: Path, listen_host: str, listen_port: int, sets: tuple[str, ...]
+    rules_dir: Path,
+    state_dir: Path,
+    listen_host: str,
+    listen_port: int,
+    admin_listen: str,
+    admin_cert: str | None,
+    admin_key: str | None,
+    admin_insecure: bool,
+    sets: tuple[str, ...],
 ) -> None:
     """Start the proxy with the firewall.
 
     Example: axme-fw run --rules rules --state state --listen-port 8080
     """
+    from .admin import AdminConfigError, check, is_loopback, parse_listen
     from .runner import serve  # imports mitmproxy: only for this command
 
     load_rules(rules_dir)  # a readable error before mitmproxy starts
+    try:
+        admin = parse_listen(admin_listen)
+        check(admin, admin_cert or "", admin_key or "", admin_insecure)
+    except AdminConfigError as exc:
+        fail(str(exc), 2)
     state_dir.mkdir(parents=True, exist_ok=True)
     for item in sets:
         if "=" not in item:
             fail(f"--set {item!r}: expected OPTION=VALUE", 2)
+    sets = (
+        f"axme_admin_listen={admin_listen}",
+        f"axme_admin_cert={admin_cert or ''}",
+        f"axme_admin_key={admin_key or ''}",
+        f"axme_admin_insecure={'true' if admin_insecure else 'false'}",
+        *sets,
+    )
     click.echo(
         f"axme-fw: proxy on {listen_host}:{listen_port}, rules {rules_dir}, state {state_dir}"
     )
+    if admin is not None and admin_cert is None and not is_loopback(admin.host):
+        click.echo(
+            f"axme-fw: warning: the admin API on {admin_listen} is plain HTTP (--admin-insecure)",
+            err=True,
+        )
     click.echo(f"axme-fw: clients must trust {state_dir.resolve() / 'mitmproxy-ca-cert.pem'}")
     sys.stdout.flush()
     sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, sets))

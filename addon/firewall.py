@@ -27,8 +27,8 @@ from mitmproxy import ctx, exceptions, http, tcp
 from mitmproxy.connection import Client
 from mitmproxy.net.http import url
 
+from . import admin, canonical, killswitch, snapshot
 from . import audit as audit_mod
-from . import canonical, killswitch, snapshot
 from .alerts import Alerter
 from .answers import refusal
 from .cost import (
@@ -240,6 +240,9 @@ class Firewall:
         self.open_calls: dict[int, tuple[http.HTTPFlow, Call]] = {}
         self._health_dirty = False
         self._published: tuple[object, ...] = ()
+        self.admin_listen: admin.Listen | None = admin.parse_listen(admin.DEFAULT_LISTEN)
+        self.admin: admin.AdminServer | None = None
+        self.admin_targets: frozenset[tuple[str, int]] = frozenset()
         self.alerter: Alerter | None = None
         self._reloading = False
         self._reload_again = False
@@ -262,6 +265,14 @@ class Firewall:
     def load(self, loader: Any) -> None:
         loader.add_option("axme_rules", str, "rules", "axme-fw: the rules directory")
         loader.add_option("axme_state", str, "state", "axme-fw: the state directory")
+        loader.add_option(
+            "axme_admin_listen", str, admin.DEFAULT_LISTEN, "axme-fw: admin HOST:PORT, or off"
+        )
+        loader.add_option("axme_admin_cert", str, "", "axme-fw: admin TLS certificate (PEM)")
+        loader.add_option("axme_admin_key", str, "", "axme-fw: admin TLS key (PEM)")
+        loader.add_option(
+            "axme_admin_insecure", bool, False, "axme-fw: plain HTTP admin off loopback"
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
@@ -270,6 +281,17 @@ class Firewall:
         if "validate_inbound_headers" in updated and not ctx.options.validate_inbound_headers:
             # Request smuggling checks stay on: an egress firewall never trusts framing.
             ctx.options.update(validate_inbound_headers=True)
+        if updated & {"axme_admin_listen", "axme_admin_cert", "axme_admin_key"} or (
+            "axme_admin_insecure" in updated
+        ):
+            o = ctx.options
+            try:
+                self.admin_listen = admin.parse_listen(o.axme_admin_listen)
+                admin.check(
+                    self.admin_listen, o.axme_admin_cert, o.axme_admin_key, o.axme_admin_insecure
+                )
+            except admin.AdminConfigError as exc:
+                raise exceptions.OptionsError(f"axme-fw: {exc}") from None
         if "axme_rules" in updated or self.loader is None:
             self.loader = Loader(Path(ctx.options.axme_rules))
             try:
@@ -312,13 +334,48 @@ class Firewall:
         if self.loader is not None:
             self.watcher = RulesWatcher(self.loader.directory, self.loop, self.reload)
             self.watcher.start()
+        self._start_admin()
         self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
         self._write_enforced()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
+    def _start_admin(self) -> None:
+        listen = self.admin_listen
+        if listen is None or self.state_dir is None:
+            return
+        o = ctx.options
+        server = admin.AdminServer(
+            listen,
+            self.state_dir,
+            self.state_dir / audit_mod.AUDIT_FILE,
+            rules_loaded=lambda: self.loader is not None,
+            audit_failing=lambda: self.audit is not None and self.audit.failing,
+            cert=o.axme_admin_cert,
+            key=o.axme_admin_key,
+        )
+        try:
+            server.start()
+        except OSError as exc:
+            # An ERROR at start-up makes mitmdump exit 1: an operator must see this.
+            log.error(
+                "axme-fw: cannot serve the admin API on %s:%s: %s", listen.host, listen.port, exc
+            )
+            ctx.master.shutdown()
+            return
+        self.admin = server
+        self.admin_targets = admin.admin_targets(listen, server.port)
+        scheme = "https" if o.axme_admin_cert else "http"
+        log.info("axme-fw: admin API on %s://%s:%d", scheme, listen.host, server.port)
+        if not o.axme_admin_cert and not admin.is_loopback(listen.host):
+            log.warning(
+                "axme-fw: the admin API is plain HTTP on %s (--admin-insecure)", listen.host
+            )
+
     async def done(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
+        if self.admin is not None:
+            self.admin.stop()
         # Parked flows are not answered for us: answer 503 (never forward, never hang),
         # then give their connections a moment to send it before the loop stops.
         self._closing = self.lot.answer_all(503, "proxy_shutdown", "the proxy is shutting down")
@@ -532,6 +589,9 @@ class Firewall:
             "listen": addrs,
             "at": audit_mod.now_iso(),
             "kills": snapshot.kills_json(rules),
+            "admin": f"{self.admin_listen.host}:{self.admin.port}"
+            if self.admin is not None and self.admin_listen is not None
+            else None,
         }
         path = self.state_dir / killswitch.ENFORCED_FILE
         self.loop.run_in_executor(self.writer, atomic_write, path, json.dumps(data))
@@ -600,6 +660,16 @@ class Firewall:
             name = agent.name if agent is not None else (user or ANONYMOUS)
             return raw, Decision(Verdict.DENY, exc.reason, name, exc.detail)
         return facts, None
+
+    def _to_admin(self, facts: Facts) -> Decision | None:
+        """Agents never reach the admin listener through the proxy, whatever they may."""
+        if (facts.host, facts.port) not in self.admin_targets:
+            return None
+        agent, refused = identify(self.rules, facts.user, facts.token)
+        if refused is not None:
+            return refused
+        name = agent.name if agent is not None else (facts.user or ANONYMOUS)
+        return Decision(Verdict.DENY, "control_forbidden", name, "the admin API is for operators")
 
     def _check_target(self, flow: http.HTTPFlow, facts: Facts) -> None:
         """Raise when the request names another host than where it goes, or its body
@@ -711,8 +781,9 @@ class Firewall:
     def http_connect(self, flow: http.HTTPFlow) -> None:
         auth, _instance = take_headers(flow.request)
         facts, bad = self._facts(flow, auth)
+        bad = bad or self._to_admin(facts)
         if bad is not None:
-            self._apply(flow, bad)
+            self._refuse_always(flow, bad)
             return
         cid = flow.client_conn.id
         if facts.user is not None and facts.token is not None:
@@ -754,6 +825,7 @@ class Firewall:
             return
         auth, instance_header = take_headers(flow.request)
         facts, bad = self._facts(flow, auth)
+        bad = bad or self._to_admin(facts)
         if bad is not None:
             self._refuse_always(flow, bad)
             return

@@ -255,6 +255,8 @@ class Rig:
                 HOST,
                 "--listen-port",
                 "0",
+                "--admin-listen",
+                f"{HOST}:0",
                 "--set",
                 f"ssl_verify_upstream_trusted_ca={self.upstream_ca}",
             ],

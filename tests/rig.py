@@ -192,6 +192,7 @@ class Proxy:
     state: Path
     proc: subprocess.Popen[bytes]
     log: Path
+    admin_port: int = 0
 
     @property
     def ca(self) -> Path:
@@ -272,6 +273,7 @@ def start_proxy(
     rules: Path, state: Path, upstream_ca_pem: Path | None = None, *extra: str
 ) -> Proxy:
     port = free_port()
+    admin_port = free_port()
     state.mkdir(parents=True, exist_ok=True)
     log = state.parent / f"proxy-{port}.log"
     args = [
@@ -283,13 +285,15 @@ def start_proxy(
         str(state),
         "--listen-port",
         str(port),
+        "--admin-listen",
+        f"127.0.0.1:{admin_port}",
     ]
     if upstream_ca_pem is not None:
         args += ["--set", f"ssl_verify_upstream_trusted_ca={upstream_ca_pem}"]
     args += list(extra)
     with open(log, "wb") as fh:
         proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    proxy = Proxy(port, rules, state, proc, log)
+    proxy = Proxy(port, rules, state, proc, log, admin_port)
 
     def ready() -> bool:
         if proc.poll() is not None:
