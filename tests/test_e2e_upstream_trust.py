@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from mitmproxy.certs import CertStore
 
 from .rig import Proxy, Upstream, agents_yaml, make_rules, start_proxy, start_upstream, upstream_ca
 
@@ -101,3 +102,41 @@ def test_agents_trust_the_firewall_ca_not_the_upstream_ca(
         assert ("IP Address", "127.0.0.1") in cert["subjectAltName"]
     finally:
         proxy.stop()
+
+
+def test_replicas_share_a_ca_through_confdir(
+    private_upstream: tuple[Upstream, Path], tmp_path: Path
+) -> None:
+    """What Compose and Kubernetes rely on: two proxies started with ``--set confdir=CA``
+    over one pre-made CA present certificates from that CA, not each from its own."""
+    up, pem = private_upstream
+    ca_dir = tmp_path / "ca"
+    CertStore.from_store(ca_dir, "mitmproxy", 2048)  # what deploy/compose/init.py does
+    shared_ca = ca_dir / "mitmproxy-ca-cert.pem"
+    before = {p.name: p.read_bytes() for p in ca_dir.iterdir()}
+    rules = make_rules(
+        tmp_path / "rules",
+        defaults="version: 1\nactions:\n  internal: {hosts: [127.0.0.1]}\n",
+        agents=agents_yaml({"bot": (TOKEN, ["internal"])}),
+    )
+    proxies = [
+        start_proxy(rules, tmp_path / f"state-{i}", pem, "--set", f"confdir={ca_dir}")
+        for i in range(2)
+    ]
+    try:
+        for i, proxy in enumerate(proxies):
+            s = proxy.session("bot", TOKEN)
+            s.verify = str(shared_ca)
+            r = s.get(f"{up.url}/replica-{i}", timeout=10)
+            assert r.status_code == 200
+        assert up.paths("/replica-") == ["/replica-0", "/replica-1"]
+        assert {p.name: p.read_bytes() for p in ca_dir.iterdir()} == before
+        # Each state dir still gets a CA of its own (mitmproxy makes one before --set
+        # applies): it is not the one presented, so trusting it fails.
+        own = proxies[0].session("bot", TOKEN)
+        assert proxies[0].ca.read_bytes() != shared_ca.read_bytes()
+        with pytest.raises(requests.exceptions.SSLError):
+            own.get(f"{up.url}/state-ca", timeout=10)
+    finally:
+        for proxy in proxies:
+            proxy.stop()
