@@ -35,8 +35,9 @@ USER axme
 EXPOSE 8080 8081
 
 # /readyz answers 200 once the rules are loaded and state and audit are writable.
+# ProxyHandler({}): never through a proxy, even if the container has HTTP_PROXY set.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8081/readyz', timeout=2).status != 200)"]
+  CMD ["python", "-c", "import sys, urllib.request as u; sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8081/readyz', timeout=2).status != 200)"]
 
 # The proxy listens on every interface of the container; so does the admin API, so that
 # the health check above and `axme-fw --server` from the host reach it. --admin-insecure:

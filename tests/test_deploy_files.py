@@ -26,6 +26,8 @@ import yaml
 
 from axme_fw.rules import Loader
 
+from .rig import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "deploy" / "compose"
 K8S = ROOT / "deploy" / "k8s"
@@ -136,7 +138,11 @@ def test_healthcheck_command_tracks_readyz(status: int | None) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         script = argv[2].replace("127.0.0.1:8081", f"127.0.0.1:{port}")
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=20)
+        # A proxy variable in the container must not send the check elsewhere.
+        env = dict(os.environ, http_proxy=f"http://127.0.0.1:{free_port()}", no_proxy="")
+        res = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, timeout=20, env=env
+        )
     finally:
         if status is not None:
             server.shutdown()
