@@ -655,3 +655,29 @@ def env(agent_name: str, token: str, proxy: str | None, rules_dir: Path, state_d
     for key, value in lines.items():
         quote = '"' if value.startswith("http") and "$" in value else "'"
         click.echo(f"export {key}={quote}{value}{quote}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--agent", help="The agent this environment should be (default: the proxy user).")
+@click.option("--canary", multiple=True, metavar="HOST:PORT", help="A host it must not reach.")
+@click.option("--rules", "rules_dir", type=click.Path(path_type=Path), envvar="AXME_FW_RULES")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(
+    agent: str | None, canary: tuple[str, ...], rules_dir: Path | None, as_json: bool
+) -> None:
+    """Check, from inside an agent's environment, that it is really behind the firewall.
+
+    Example: axme-fw doctor --agent deployer --canary api.openai.com:443
+    """
+    from . import doctor as doc
+
+    try:
+        canaries = [doc.parse_hostport(c) for c in canary]
+    except ValueError as exc:
+        fail(f"--canary {exc}", 2)
+    hosts = None
+    if rules_dir is not None and rules_dir.is_dir():
+        hosts = doc.rule_hosts(load_rules(rules_dir), agent)
+    checks = doc.run(os.environ, agent, canaries, hosts)
+    click.echo(doc.as_json(checks, agent) if as_json else doc.render(checks))
+    sys.exit(1 if doc.failed(checks) else 0)
