@@ -19,18 +19,10 @@ from tests.rig import (
     free_port,
     make_rules,
     start_proxy,
-    start_upstream,
     wait_for,
 )
 
 TOKEN = "admin-test-token"
-
-
-@pytest.fixture(scope="module")
-def up() -> Iterator[Upstream]:
-    u = start_upstream()
-    yield u
-    u.server.shutdown()
 
 
 @pytest.fixture

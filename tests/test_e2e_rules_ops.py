@@ -25,7 +25,6 @@ from tests.rig import (
     make_rules,
     replace_file,
     start_proxy,
-    start_upstream,
     wait_for,
 )
 
@@ -49,13 +48,6 @@ def get(proxy: Proxy, path: str, up: Upstream, user: str = "bot") -> requests.Re
 
 def rejected(proxy: Proxy) -> int:
     return len(proxy.audit_events("rules.rejected"))
-
-
-@pytest.fixture(scope="module")
-def up() -> Iterator[Upstream]:
-    u = start_upstream()
-    yield u
-    u.server.shutdown()
 
 
 @pytest.fixture
