@@ -558,6 +558,13 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
 
+def host_part(target: str) -> str:
+    """The host of a rules ``host``, ``host:port`` or ``[v6]:port`` (a glob or not)."""
+    if target.startswith("["):
+        return target[1:].partition("]")[0]
+    return target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+
+
 def routed_loopback(rules: Ruleset, agent: str) -> str | None:
     """What in the rules sends a loopback host through the proxy (None: nothing does).
 
@@ -572,13 +579,11 @@ def routed_loopback(rules: Ruleset, agent: str) -> str | None:
         return f"agents.{agent}.allow: '*' (every destination)"
     for name, action in rules.actions.items():
         for pattern in action.hosts:
-            host = pattern.rsplit(":", 1)[0] if pattern.count(":") == 1 else pattern
-            if any(fnmatch.fnmatchcase(lb, host.strip("[]")) for lb in LOOPBACK):
+            if any(fnmatch.fnmatchcase(lb, host_part(pattern)) for lb in LOOPBACK):
                 return f"actions.{name}.hosts: {pattern}"
     for other in rules.agents.values():
         for address in other.addresses:
-            host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
-            if host.strip("[]").lower() in LOOPBACK:
+            if host_part(address).lower() in LOOPBACK:
                 return f"agents.{other.name}.addresses: {address}"
     return None
 
