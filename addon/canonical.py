@@ -159,6 +159,22 @@ def host(raw: str) -> str:
     return h
 
 
+_AUTHORITY = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
+HOST_MISMATCH = "host_mismatch"
+
+
+def authority(raw: str) -> tuple[str, int | None]:
+    """``host[:port]`` of a Host header or authority → (host, port or None).
+
+    Raises :class:`NotCanonical` (``host_mismatch``) when it is not one host and port.
+    """
+    m = _AUTHORITY.fullmatch(raw)
+    port = int(m["port"]) if m and m["port"] else None
+    if m is None or (port is not None and not 0 < port < 65536):
+        raise NotCanonical(HOST_MISMATCH, f"bad Host {raw[:100]!r}")
+    return m["host"].strip("[]"), port
+
+
 def method(raw: str) -> str:
     """The method as sent when it is an upper-case token; else :class:`NotCanonical`."""
     if not _METHOD.fullmatch(raw):

@@ -17,14 +17,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .cost import ApiKind, Estimate, Pricing, StreamScanner, Usage, path_model, request_estimate
-from .limits import Exceeded, LimitSpec, OnExceed, Reservation, Windows
+from .limits import Exceeded, LimitSpec, OnExceed, Reservation
 from .yamlnodes import format_duration
 
 # Spend of agents without a cost ceiling is still recorded, for status, per rolling day.
 TRACK = LimitSpec("cost_usd", 1e15, 86400.0, OnExceed.THROTTLE)
+
+
+class Counters(Protocol):
+    """The windows a meter charges: :class:`axme_fw.limits.Windows`, or a
+    :class:`axme_fw.store.Store` (which may share them between replicas)."""
+
+    def admit(
+        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
+    ) -> Exceeded | None: ...
+    def reserve(
+        self, agent: str, spec: LimitSpec, amount: float, now: float
+    ) -> Reservation | Exceeded: ...
+    def settle(self, reservation: Reservation, actual: float, now: float) -> None: ...
+    def release(self, reservation: Reservation) -> None: ...
+    def used(self, agent: str, key: str, per: float, now: float) -> float: ...
+    def warn_crossed(self, agent: str, spec: LimitSpec, now: float) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +76,7 @@ class Settled:
 
 
 class Meter:
-    def __init__(self, windows: Windows, pricing: Pricing | None) -> None:
+    def __init__(self, windows: Counters, pricing: Pricing | None) -> None:
         self.windows = windows
         self.pricing = pricing
 
@@ -131,7 +147,7 @@ class Meter:
 
 
 def usage_rows(
-    windows: Windows, agent: str, limits: Sequence[Any], now: float
+    windows: Counters, agent: str, limits: Sequence[Any], now: float
 ) -> list[dict[str, Any]]:
     """Each limit's use in its window, for status; plus the rolling day's spend when the
     agent has no cost ceiling but has spent something (``max`` is then None)."""

@@ -1,4 +1,4 @@
-"""Runtime facts the proxy shares with the CLI through the state directory.
+"""State: runtime facts the proxy shares with the CLI through the state directory.
 
 The proxy owns these files and writes them atomically off the event loop; the CLI
 only reads them. ``live.json`` is a snapshot (parked flows, instances, usage)
@@ -27,7 +27,7 @@ def read_live(state_dir: Path) -> dict[str, Any] | None:
     return read_json(state_dir / LIVE_FILE)
 
 
-class Store:
+class Snapshots:
     """The durable copy of per-agent counters (TinyDB in ``state/state.json``).
 
     Not thread-safe and blocking: the proxy calls it only from its one state-writer

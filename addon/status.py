@@ -22,7 +22,7 @@ from .killswitch import read_enforced
 from .limits import Windows
 from .meter import usage_rows
 from .rules import Ruleset, is_pattern
-from .state import STORE_FILE, Store, read_live
+from .state import STORE_FILE, Snapshots, read_live
 from .yamlnodes import format_duration
 
 
@@ -41,7 +41,7 @@ def _pid_alive(pid: object) -> bool:
 def _durable(state_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     if not (state_dir / STORE_FILE).exists():
         return None, None
-    store = Store(state_dir)
+    store = Snapshots(state_dir)
     try:
         return store.load("windows"), store.load("health")
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mitmproxy.test import taddons, tflow
 
-from axme_fw import firewall
+from axme_fw import firewall, gate
 from axme_fw.answers import DECISION_HEADER
 from axme_fw.firewall import Firewall
 from axme_fw.identity import parse_proxy_auth
@@ -88,7 +88,7 @@ def test_exception_in_decision_refuses_never_forwards(fw, monkeypatch) -> None:
     def boom(*_a, **_k):
         raise RuntimeError("bug in the decision path")
 
-    monkeypatch.setattr(firewall, "decide", boom)
+    monkeypatch.setattr(gate, "decide", boom)
     for hook in (fw.requestheaders, fw.http_connect):
         f = request()
         hook(f)
@@ -98,7 +98,7 @@ def test_exception_in_decision_refuses_never_forwards(fw, monkeypatch) -> None:
 
 
 def test_exception_while_parsing_credentials_refuses(fw, monkeypatch) -> None:
-    monkeypatch.setattr(firewall, "parse_proxy_auth", lambda _v: 1 / 0)
+    monkeypatch.setattr(gate, "parse_proxy_auth", lambda _v: 1 / 0)
     f = request()
     fw.requestheaders(f)
     assert f.response is not None and f.response.status_code == 403

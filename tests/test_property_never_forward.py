@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy.test import taddons, tflow
 
-from axme_fw.firewall import Firewall, load_pricing_file
+from axme_fw.control import load_pricing_file
+from axme_fw.firewall import Firewall
 from axme_fw.policy import Facts, decide
 from axme_fw.rules import RulesError, Ruleset, load_dir
 from tests.rig import token_hash
@@ -130,7 +131,7 @@ def reload_now(fw: Firewall) -> None:
         done.set_result((fw.loader.load(), load_pricing_file(fw.loader.directory)))
     except RulesError as exc:
         done.set_exception(exc)
-    fw._reloaded(time.monotonic(), done)  # type: ignore[arg-type]
+    fw.reloader.reloaded(time.monotonic(), done)  # type: ignore[arg-type]
 
 
 def test_a_request_the_last_good_rules_refuse_is_never_forwarded(tmp_path: Path) -> None:

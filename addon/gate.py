@@ -1,0 +1,457 @@
+"""Pure core: the per-request path, top to bottom, as plain code (no mitmproxy).
+
+A request arrives as a :class:`Request` (what the hooks read off the flow) and leaves as
+an :class:`Outcome` (what the hooks do with it). In order, first refusal wins:
+
+1. one spelling: credentials (two are none), canonical host, method and path, the
+   request names the host it goes to, unambiguous length, bounded headers
+   (:mod:`axme_fw.canonical`); refused whatever the mode;
+2. the admin listener: never reachable by agents (``control_forbidden``);
+3. the control host ``axme-fw.local``: answered by the proxy itself;
+4. :func:`axme_fw.policy.decide`: identity → kill list → inbound → allow list;
+5. report mode: a refusal is recorded as ``would_*`` and the request goes on
+   (never for a kill, never for a request without credentials);
+6. limits: the request and its actions are checked and recorded in one
+   :meth:`Store.admit <axme_fw.store.Store.admit>`; on exceeding, throttle (429) or
+   refuse and auto-kill (block or park);
+7. forward, noting whether it is an LLM call (its cost is reserved by :meth:`Gate.reserve`
+   once the body is known and settled by :meth:`Gate.settle` when its answer ended).
+
+Side effects are returned, not performed: decision records, audit events, alerts and an
+auto-kill travel in the outcome, so the hooks stay the only place that touches a flow.
+The only state the gate changes is through its :class:`~axme_fw.store.Store`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from . import canonical
+from .cost import ApiKind, Pricing, Usage, detect_api
+from .identity import parse_proxy_auth
+from .limits import Exceeded, LimitSpec, OnExceed, retry_after_header
+from .meter import Call, Meter, Refused, cost_detail, usage_rows
+from .policy import ANONYMOUS, Decision, Facts, Verdict, decide, identify
+from .rules import EMPTY, Agent, Ruleset
+from .store import Store
+from .yamlnodes import format_duration
+
+CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
+HOST_MISMATCH = canonical.HOST_MISMATCH
+AMBIGUOUS_LENGTH = "ambiguous_length"
+HEADERS_TOO_LARGE = "headers_too_large"
+MAX_HEADERS = 64 << 10  # request header bytes: more is abuse, not an API call
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request (or CONNECT) as it arrived, before any canonical spelling."""
+
+    auth: str | None  # the Proxy-Authorization value, taken off the request
+    two_auth: bool  # more than one Proxy-Authorization header
+    tunnel_auth: tuple[str, str] | None  # credentials of the CONNECT this is inside
+    method: str  # as sent (not upper-cased)
+    host: str
+    port: int
+    target: str = ""  # the request target as sent; "" for CONNECT
+    connect: bool = False
+    scheme: str = "http"
+    authority: str = ""
+    host_headers: tuple[str, ...] = ()
+    sni: str | None = None
+    tunnel: tuple[str, int] | None = None  # the CONNECT target this request is inside
+    header_bytes: int = 0
+    lengths: int = 0  # Content-Length headers
+    chunked: bool = False  # a Transfer-Encoding header
+
+
+class Do(StrEnum):
+    FORWARD = "forward"
+    PARK = "park"
+    REFUSE = "refuse"
+    CONTROL = "control"  # a request to the control host: the proxy answers it
+    OPEN = "open"  # a killed agent's tunnel opens, so each request inside gets the JSON 403
+
+
+@dataclass(frozen=True, slots=True)
+class AutoKill:
+    agent: str
+    mode: str  # "block" | "park"
+    spec: LimitSpec
+    detail: str
+
+
+@dataclass(slots=True)
+class Effects:
+    """What the hooks write, send or enforce for an outcome, in this order."""
+
+    records: list[tuple[Decision, bool]] = field(default_factory=list)  # (decision, would)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # audit
+    alerts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    auto_kill: AutoKill | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    do: Do
+    decision: Decision
+    facts: Facts
+    status: int = 0  # for REFUSE: 403, 407, 429 or 431
+    headers: dict[str, str] | None = None  # extra answer headers (Retry-After)
+    identified: bool = False  # a known agent: the flow counts as its heartbeat
+    path: str | None = None  # forward with this request target instead
+    host: str | None = None  # connect to this spelling of the host instead
+    llm: ApiKind | None = None
+    fx: Effects = field(default_factory=Effects)
+
+
+@dataclass(frozen=True)
+class AgentSpecs:
+    """An agent's limits, prepared once per rules load for the per-request path."""
+
+    requests: tuple[LimitSpec, ...]
+    actions: dict[str, tuple[LimitSpec, ...]]
+    cost: LimitSpec | None
+
+    def all(self) -> list[LimitSpec]:
+        out = [*self.requests, *(s for specs in self.actions.values() for s in specs)]
+        return [*out, self.cost] if self.cost is not None else out
+
+
+def agent_specs(limits: Sequence[Any]) -> AgentSpecs:
+    requests: list[LimitSpec] = []
+    actions: dict[str, tuple[LimitSpec, ...]] = {}
+    cost = None
+    for lim in limits:
+        spec = LimitSpec(lim.key, lim.max, lim.per, OnExceed(lim.on_exceed), lim.warn_at)
+        if lim.key == "requests":
+            requests.append(spec)
+        elif lim.key == "cost_usd":
+            cost = spec
+        else:
+            name = lim.key.removeprefix("actions.")
+            actions[name] = (*actions.get(name, ()), spec)
+    return AgentSpecs(tuple(requests), actions, cost)
+
+
+def limit_detail(ex: Exceeded) -> str:
+    """``limits.actions.deploy: max 3 per 6h reached (3 used)``: for people and kill.yaml."""
+    spec = ex.spec
+    return (
+        f"limits.{spec.key}: max {spec.max:g} per {format_duration(spec.per)} reached "
+        f"({ex.used:g} used)"
+    )
+
+
+def _status(d: Decision) -> int:
+    if d.verdict is Verdict.AUTH:
+        return 407
+    return 431 if d.reason == HEADERS_TOO_LARGE else 403
+
+
+class Gate:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.rules: Ruleset = EMPTY
+        self.specs: dict[str, AgentSpecs] = {}
+        self.meter = Meter(store, None)
+        self.admin_targets: frozenset[tuple[str, int]] = frozenset()
+        self._verified: dict[tuple[str, str], Agent] = {}  # (user, token) → agent
+
+    def install(self, rules: Ruleset) -> None:
+        old, self.rules = self.rules, rules
+        if old.agents is not rules.agents:  # tokens or limits may have changed
+            self._verified = {}
+            self.specs = {n: agent_specs(a.limits) for n, a in rules.agents.items() if a.limits}
+
+    @property
+    def pricing(self) -> Pricing | None:
+        return self.meter.pricing
+
+    @pricing.setter
+    def pricing(self, value: Pricing | None) -> None:
+        self.meter.pricing = value
+
+    # ------------------------------------------------------------ requests
+
+    def request(self, req: Request, now: float) -> Outcome:
+        """Steps 1-7 for a request (inside a tunnel or not)."""
+        out = self._admission(req)
+        if out.do is not Do.FORWARD or out.decision.agent is None:
+            return out
+        if out.decision.agent in self.specs and not self._limits(out, now):
+            return out
+        out.llm = detect_api(out.facts.method, out.facts.path)
+        return out
+
+    def connect(self, req: Request, passes_through: Callable[[str, int], bool]) -> Outcome:
+        """Steps 1-5 for a CONNECT. A killed agent's tunnel that will be intercepted is
+        opened (``Do.OPEN``): every request inside then gets the JSON 403, where a 403 to
+        CONNECT loses its body and SDKs retry it. Nothing reaches upstream (lazy connect).
+        """
+        out = self._admission(req)
+        d = out.decision
+        if (
+            out.do is Do.REFUSE
+            and d.reason == "agent_killed"
+            and not d.inbound
+            and d.agent is not None
+            and not passes_through(out.facts.host, out.facts.port)
+        ):
+            out.do, out.status = Do.OPEN, 0
+        return out
+
+    def _admission(self, req: Request) -> Outcome:
+        """Steps 1-5: a forward, park, refusal or control outcome."""
+        facts, bad, target = self.facts(req)
+        if bad is not None:
+            return self._refused(facts, bad)
+        if facts.host == CONTROL_HOST:  # identity only (not a decision record)
+            _agent, refused = identify(self.rules, facts.user, facts.token)
+            if refused is not None:
+                return Outcome(Do.REFUSE, refused, facts, _status(refused))
+            ok = Decision(Verdict.FORWARD, "control", facts.user)
+            return Outcome(Do.CONTROL, ok, facts, path=target)
+        d = self.decide(facts)
+        out = Outcome(Do.FORWARD, d, facts, path=target)
+        out.identified = d.agent is not None and d.reason != "unknown_agent"
+        if req.host != facts.host and not req.connect:
+            out.host = facts.host  # connect to the spelling the rules matched
+        report = self.rules.defaults.mode == "report" and d.reason != "agent_killed"
+        if d.refused and report and d.verdict is not Verdict.AUTH:
+            self._record(out, d, would=True)
+            return out
+        self._record(out, d)
+        if d.verdict is Verdict.PARK:
+            out.do = Do.PARK
+        elif d.refused:
+            out.do, out.status = Do.REFUSE, _status(d)
+        return out
+
+    def facts(self, req: Request) -> tuple[Facts, Decision | None, str | None]:
+        """Request facts in their one canonical spelling; a refusal when there is none
+        (after identity, so a refusal names the agent; see :mod:`axme_fw.canonical`);
+        the canonical request target when it differs from what was sent (forwarded
+        instead: the upstream reads what the rules matched).
+        """
+        if req.two_auth:
+            no = Facts(None, None, req.host.lower(), req.port, req.method.upper(), "")
+            why = "two Proxy-Authorization"
+            return no, Decision(Verdict.AUTH, "auth_required", None, why), None
+        creds = parse_proxy_auth(req.auth) if req.auth else None
+        if creds is None:
+            creds = req.tunnel_auth
+        user, token = creds if creds is not None else (None, None)
+        target = None
+        try:
+            host = canonical.host(req.host)  # the destination, also for CONNECT
+            method = canonical.method(req.method)
+            path = ""
+            if not req.connect:
+                p = canonical.path(req.target)
+                path, target = p.match, p.target if p.changed else None
+            facts = Facts(user, token, host, req.port, method, path)
+            if not req.connect:
+                check_target(req, facts)
+        except canonical.NotCanonical as exc:
+            raw = Facts(user, token, req.host.lower(), req.port, req.method.upper(), "")
+            return raw, self._named(raw, exc.reason, exc.detail), None
+        if (host, req.port) in self.admin_targets:
+            why = "the admin API is for operators"
+            return facts, self._named(facts, "control_forbidden", why), None
+        return facts, None, target
+
+    def _named(self, facts: Facts, reason: str, detail: str) -> Decision:
+        """A refusal for ``reason`` that names the agent (or the identity refusal)."""
+        agent, refused = identify(self.rules, facts.user, facts.token)
+        if refused is not None:
+            return refused
+        name = agent.name if agent is not None else (facts.user or ANONYMOUS)
+        return Decision(Verdict.DENY, reason, name, detail)
+
+    def decide(self, facts: Facts) -> Decision:
+        """:func:`policy.decide`, with verified credentials remembered for this ruleset.
+
+        Only credentials that matched are remembered (a wrong token is hashed every
+        time, so guesses cannot fill memory); the cache is dropped with the ruleset.
+        """
+        if facts.user is None or facts.token is None:
+            return decide(self.rules, facts)
+        key = (facts.user, facts.token)
+        agent = self._verified.get(key)
+        d = decide(self.rules, facts, agent)
+        if agent is None and d.reason != "unknown_agent" and facts.user in self.rules.agents:
+            self._verified[key] = self.rules.agents[facts.user]
+        return d
+
+    def _refused(self, facts: Facts, d: Decision) -> Outcome:
+        out = Outcome(Do.REFUSE, d, facts, _status(d))
+        self._record(out, d)
+        return out
+
+    def _record(self, out: Outcome, d: Decision, would: bool = False) -> None:
+        policy = self.rules.defaults.audit_decisions
+        if policy == "all" or (policy == "denied" and d.refused):
+            out.fx.records.append((d, would))
+
+    def usage(self, now: float, only: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Each agent's limits and their use, for status (``only`` one agent)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for agent in [only] if only is not None else self.store.agents():
+            entry = self.specs.get(agent)
+            rows = usage_rows(self.store, agent, entry.all() if entry else [], now)
+            if rows:
+                out[agent] = rows
+        return out
+
+    # ------------------------------------------------------------ limits and cost
+
+    def _limits(self, out: Outcome, now: float) -> bool:
+        """Step 6: count the request against its agent's windows, check and record in one
+        store call, so concurrent requests never get more than ``max`` through. False
+        when ``out`` became a refusal."""
+        d = out.decision
+        assert d.agent is not None
+        entry = self.specs[d.agent]
+        specs = [*entry.requests]
+        for action in d.actions:
+            specs += entry.actions.get(action, ())
+        if not specs:
+            return True
+        ex = self.store.admit(d.agent, specs, now)
+        if ex is None:
+            return True
+        detail = limit_detail(ex)
+        if self.rules.defaults.mode == "report":
+            rule = f"limits.{ex.spec.key}"
+            out.fx.events.append(
+                ("limit.would_exceed", {"agent": d.agent, "rule": rule, "detail": detail})
+            )
+            return True
+        denied = dataclasses.replace(
+            d, verdict=Verdict.DENY, reason="limit_exceeded", detail=detail
+        )
+        self._record(out, denied)
+        self._exceeded(out, d.agent, ex, detail)
+        return False
+
+    def _exceeded(self, out: Outcome, agent: str, ex: Exceeded, detail: str) -> None:
+        """Refuse for a limit, then apply the limit's ``on_exceed``."""
+        spec = ex.spec
+        out.do = Do.REFUSE
+        out.decision = Decision(Verdict.DENY, "limit_exceeded", agent, detail)
+        out.llm = None
+        if spec.on_exceed is OnExceed.THROTTLE:
+            retry = retry_after_header(ex.retry_after)
+            out.status, out.headers = 429, {"Retry-After": retry}
+            out.fx.events.append(
+                (
+                    "limit.throttled",
+                    {"agent": agent, "rule": f"limits.{spec.key}", "retry_after": retry},
+                )
+            )
+            return
+        out.status = 403
+        mode = "park" if spec.on_exceed is OnExceed.PARK else "block"
+        out.fx.auto_kill = AutoKill(agent, mode, spec, detail)
+
+    def reserve(
+        self, agent: str, kind: ApiKind, path: str, body: bytes, now: float
+    ) -> Call | Outcome:
+        """Reserve an LLM call's worst-case cost before it is sent; an outcome when it is
+        refused (or, in report mode, would be: then it forwards unmetered)."""
+        entry = self.specs.get(agent)
+        spec = entry.cost if entry is not None else None
+        got = self.meter.begin(agent, kind, path, body, spec, now)
+        if not isinstance(got, Refused):
+            return got
+        d = Decision(Verdict.DENY, got.reason, agent, got.detail)
+        out = Outcome(Do.REFUSE, d, Facts(agent, None, "", 0, "", path), 403)
+        fields = {"agent": agent, "reason": got.reason, "detail": got.detail}
+        if self.rules.defaults.mode == "report":
+            out.do = Do.FORWARD
+            out.fx.events.append(("cost.would_refuse", fields))
+        elif got.exceeded is not None:
+            self._exceeded(out, agent, got.exceeded, got.detail)
+        else:
+            out.fx.events.append(("cost.refused", fields))
+        return out
+
+    def settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> Effects:
+        """Replace a call's reservation by what it cost; the records and the auto-kill
+        that follow (a crossed ceiling, a passed warning)."""
+        fx = Effects()
+        result = self.meter.settle(call, usage, sent, now)
+        if result.usage is not None:
+            u = result.usage
+            fx.events.append(
+                (
+                    "llm.usage",
+                    {
+                        "agent": call.agent,
+                        "api": call.kind.value,
+                        "model": u.model,
+                        "input": u.input_tokens,
+                        "output": u.output_tokens,
+                        "cached_input": u.cached_input_tokens,
+                        "cache_write": u.cache_write_tokens,
+                        "usd": round(result.usd, 6),
+                        "partial": u.partial,
+                        "unpriced": result.unpriced,
+                    },
+                )
+            )
+        spec = call.spec
+        if result.warn and spec is not None:
+            warn = {"rule": "limits.cost_usd", "warn_at": spec.warn_at, "max": spec.max}
+            fx.events.append(("budget.warning", {"agent": call.agent, **warn}))
+            why = f"spend passed {spec.warn_at:.0%} of ${spec.max:g}"
+            fx.alerts.append(("budget.warning", {"agent": call.agent, "reason": why}))
+        crossed = result.crossed
+        if (
+            crossed is not None
+            and crossed.spec.on_exceed is not OnExceed.THROTTLE
+            and self.rules.kill_for(call.agent) is None
+        ):
+            mode = "park" if crossed.spec.on_exceed is OnExceed.PARK else "block"
+            fx.auto_kill = AutoKill(call.agent, mode, crossed.spec, cost_detail(crossed))
+        return fx
+
+
+def check_target(req: Request, facts: Facts) -> None:
+    """Raise :class:`canonical.NotCanonical` when the request names another host than
+    where it goes, its body length is ambiguous, or its headers are too large (mitmproxy
+    checks length too, unless validate_inbound_headers is off: this does not depend on it).
+    """
+    if req.header_bytes > MAX_HEADERS:
+        raise canonical.NotCanonical(
+            HEADERS_TOO_LARGE,
+            f"request headers of {req.header_bytes} bytes (at most {MAX_HEADERS})",
+        )
+    target = req.tunnel
+    if target is not None and target != (facts.host, facts.port):
+        raise canonical.NotCanonical(
+            HOST_MISMATCH,
+            f"request for {facts.host}:{facts.port} inside a tunnel to {target[0]}:{target[1]}",
+        )
+    if len(req.host_headers) > 1:
+        raise canonical.NotCanonical(HOST_MISMATCH, "more than one Host header")
+    names = [req.authority] if req.authority else []
+    names += req.host_headers
+    if req.sni and target is not None:
+        names.append(f"{req.sni}:{facts.port}")
+    default = 443 if req.scheme == "https" else 80
+    for name in names:
+        h, p = canonical.authority(name)
+        if canonical.host(h) != facts.host or (p or default) != facts.port:
+            raise canonical.NotCanonical(
+                HOST_MISMATCH, f"Host {name[:100]!r} is not {facts.host}:{facts.port}"
+            )
+    if (req.lengths and req.chunked) or req.lengths > 1:
+        raise canonical.NotCanonical(
+            AMBIGUOUS_LENGTH, "both Content-Length and Transfer-Encoding, or two lengths"
+        )
