@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .rules import Alert
+from .ruleset import Alert
 
 log = logging.getLogger(__name__)
 

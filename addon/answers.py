@@ -7,7 +7,7 @@ import json
 from mitmproxy import http
 
 from .audit import now_iso
-from .rules import Kill
+from .ruleset import Kill
 
 DECISION_HEADER = "X-Axme-Fw-Decision"
 

@@ -22,15 +22,8 @@ import yaml
 
 from . import audit as audit_mod
 from . import killswitch
-from .rules import (
-    GENERATED_AGENTS_FILE,
-    Loader,
-    RulesError,
-    Ruleset,
-    atomic_write,
-    is_pattern,
-    token_digest,
-)
+from .rules import GENERATED_AGENTS_FILE, Loader, RulesError, atomic_write
+from .ruleset import Ruleset, is_pattern, token_digest
 from .yamlnodes import parse_duration
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -11,7 +11,7 @@ from mitmproxy import http
 
 from .answers import refusal
 from .inflight import cut_clients
-from .rules import Kill
+from .ruleset import Kill
 
 _AUTH = b"proxy-authorization"
 _INSTANCE = b"x-agent-instance"

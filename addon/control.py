@@ -28,7 +28,8 @@ from .cost import Pricing, PricingError, load_pricing
 from .gate import AutoKill, Gate
 from .health import stale_after
 from .identity import instance_of
-from .rules import KILL_FILE, PRICING_FILE, Kill, Loader, RulesError, Ruleset
+from .rules import KILL_FILE, PRICING_FILE, Loader, RulesError
+from .ruleset import Kill, Ruleset
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -28,13 +28,12 @@ from .usage import (
     DEFAULT_MAX_OUTPUT,
     ApiKind,
     Estimate,
-    StreamScanner,
     Usage,
     detect_api,
     path_model,
     request_estimate,
-    usage_from_json,
 )
+from .usage_scan import StreamScanner, usage_from_json
 
 __all__ = [
     "DEFAULT_MAX_OUTPUT",

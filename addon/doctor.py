@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from .rules import Ruleset
+from .ruleset import Ruleset
 
 CONTROL_HOST = "axme-fw.local"
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")

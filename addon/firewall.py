@@ -35,7 +35,8 @@ from .cost import PricingError
 from .gate import AutoKill, Do, Effects, Gate, Outcome, Request
 from .metering import Metering
 from .parking import ParkingLot
-from .rules import EMPTY, Loader, RulesError, Ruleset
+from .rules import Loader, RulesError
+from .ruleset import EMPTY, Ruleset
 from .store import LocalStore
 from .watch import RulesWatcher
 

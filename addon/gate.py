@@ -36,7 +36,7 @@ from .identity import parse_proxy_auth
 from .limits import Exceeded, LimitSpec, OnExceed, retry_after_header
 from .meter import Call, Meter, Refused, cost_detail, usage_rows
 from .policy import ANONYMOUS, Decision, Facts, Verdict, decide, identify
-from .rules import EMPTY, Agent, Ruleset
+from .ruleset import EMPTY, Agent, Ruleset
 from .store import Store
 from .yamlnodes import format_duration
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .rules import Ruleset
+from .ruleset import Ruleset
 
 STATES = ("active", "stale", "killed", "paused", "never_seen")
 

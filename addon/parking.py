@@ -23,7 +23,7 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from .answers import refusal
-from .rules import Kill
+from .ruleset import Kill
 
 RELEASE_STEP_TIMEOUT = 1.0
 PARKED_AT = "axme_fw.parked_at"

@@ -20,7 +20,7 @@ import hmac
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .rules import Agent, Kill, Ruleset, token_digest
+from .ruleset import Agent, Kill, Ruleset, token_digest
 
 
 class Verdict(StrEnum):

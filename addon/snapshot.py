@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .killswitch import read_enforced
-from .rules import Agent, Defaults, Kill, Limit, Ruleset, make_action
+from .ruleset import Agent, Defaults, Kill, Limit, Ruleset, make_action
 from .state import read_json
 
 RULES_FILE = "rules.enforced.json"

@@ -21,7 +21,7 @@ from .health import Health, stale_after
 from .killswitch import read_enforced
 from .limits import Windows
 from .meter import usage_rows
-from .rules import Ruleset, is_pattern
+from .ruleset import Ruleset, is_pattern
 from .state import STORE_FILE, Snapshots, read_live
 from .yamlnodes import format_duration
 

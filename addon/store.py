@@ -35,8 +35,10 @@ from typing import Any, Protocol
 
 from . import killswitch, snapshot
 from .health import Health, Seen
-from .limits import Exceeded, LimitSpec, Reservation, Windows, assume_lost
-from .rules import Kill, Ruleset, atomic_write
+from .limits import Exceeded, LimitSpec, Reservation, Windows
+from .limits_series import assume_lost
+from .rules import atomic_write
+from .ruleset import Kill, Ruleset
 from .state import LIVE_FILE, Snapshots
 
 log = logging.getLogger(__name__)

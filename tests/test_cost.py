@@ -25,7 +25,7 @@ from axme_fw.cost import (
     request_estimate,
     usage_from_json,
 )
-from axme_fw.usage import MAX_LINE
+from axme_fw.usage_scan import MAX_LINE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llm"
 REPO = Path(__file__).parent.parent

@@ -12,7 +12,8 @@ import pytest
 
 from axme_fw import killswitch
 from axme_fw.killswitch import Change, KillFileError, covering
-from axme_fw.rules import KILL_FILE, Kill, Loader, load_dir
+from axme_fw.rules import KILL_FILE, Loader, load_dir
+from axme_fw.ruleset import Kill
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 

@@ -509,7 +509,7 @@ def test_retry_after_header_rejects_non_finite(seconds: float) -> None:
 
 
 def test_assume_lost_adds_the_last_intervals_pace_once_per_series() -> None:
-    from axme_fw.limits import assume_lost
+    from axme_fw.limits_series import assume_lost
 
     data = {
         "version": 1,

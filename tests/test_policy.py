@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from axme_fw.policy import Decision, Facts, Verdict, decide
-from axme_fw.rules import Kill, Ruleset, load_dir, token_digest
+from axme_fw.rules import load_dir
+from axme_fw.ruleset import Kill, Ruleset, token_digest
 
 TOKENS = {"deployer": "deployer-token", "coder": "coder-token", "deploy-eu": "eu-token"}
 

@@ -25,7 +25,8 @@ from mitmproxy.test import taddons, tflow
 from axme_fw.control import load_pricing_file
 from axme_fw.firewall import Firewall
 from axme_fw.policy import Facts, decide
-from axme_fw.rules import RulesError, Ruleset, load_dir
+from axme_fw.rules import RulesError, load_dir
+from axme_fw.ruleset import Ruleset
 from tests.rig import token_hash
 
 BASE = """\

@@ -13,16 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from axme_fw.rules import (
+from axme_fw.rules import Loader, RulesError, load_dir
+from axme_fw.ruleset import (
     EMPTY,
     Agent,
     Defaults,
     Kill,
     Limit,
-    Loader,
-    RulesError,
     Ruleset,
-    load_dir,
     make_action,
     token_digest,
 )
