@@ -197,3 +197,30 @@ class AdminServer:
         if self._server is not None:
             self._server.stop()  # type: ignore[attr-defined]
             self._server = None
+
+
+def serve(
+    listen: Listen,
+    state_dir: Path,
+    rules_loaded: Callable[[], bool],
+    audit_failing: Callable[[], bool],
+    cert: str = "",
+    key: str = "",
+) -> AdminServer | None:
+    """Start the admin listener on the running loop; None (logged as an ERROR, which an
+    operator must see at start-up) when it cannot bind."""
+    from .audit import AUDIT_FILE
+
+    server = AdminServer(
+        listen, state_dir, state_dir / AUDIT_FILE, rules_loaded, audit_failing, cert, key
+    )
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("axme-fw: cannot serve the admin API on %s:%s: %s", listen.host, listen.port, exc)
+        return None
+    scheme = "https" if cert else "http"
+    log.info("axme-fw: admin API on %s://%s:%d", scheme, listen.host, server.port)
+    if not cert and not is_loopback(listen.host):
+        log.warning("axme-fw: the admin API is plain HTTP on %s (--admin-insecure)", listen.host)
+    return server

@@ -35,6 +35,10 @@ from urllib.parse import unquote_to_bytes
 PATH_NOT_CANONICAL = "path_not_canonical"
 HOST_NOT_CANONICAL = "host_not_canonical"
 METHOD_NOT_CANONICAL = "method_not_canonical"
+HOST_MISMATCH = "host_mismatch"
+AMBIGUOUS_LENGTH = "ambiguous_length"
+HEADERS_TOO_LARGE = "headers_too_large"
+MAX_HEADERS = 64 << 10  # request header bytes: more is abuse, not an API call
 
 
 class NotCanonical(ValueError):
@@ -160,7 +164,6 @@ def host(raw: str) -> str:
 
 
 _AUTHORITY = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?")
-HOST_MISMATCH = "host_mismatch"
 
 
 def authority(raw: str) -> tuple[str, int | None]:
@@ -180,3 +183,58 @@ def method(raw: str) -> str:
     if not _METHOD.fullmatch(raw):
         raise NotCanonical(METHOD_NOT_CANONICAL, f"method {raw[:40]!r}: use an upper-case token")
     return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request (or CONNECT) as it arrived, before any canonical spelling."""
+
+    auth: str | None  # the Proxy-Authorization value, taken off the request
+    two_auth: bool  # more than one Proxy-Authorization header
+    tunnel_auth: tuple[str, str] | None  # credentials of the CONNECT this is inside
+    method: str  # as sent (not upper-cased)
+    host: str
+    port: int
+    target: str = ""  # the request target as sent; "" for CONNECT
+    connect: bool = False
+    scheme: str = "http"
+    authority: str = ""
+    host_headers: tuple[str, ...] = ()
+    sni: str | None = None
+    tunnel: tuple[str, int] | None = None  # the CONNECT target this request is inside
+    header_bytes: int = 0
+    lengths: int = 0  # Content-Length headers
+    chunked: bool = False  # a Transfer-Encoding header
+
+
+def check_request(req: Request, host_: str, port: int) -> None:
+    """Raise :class:`canonical.NotCanonical` when the request names another host than
+    where it goes, its body length is ambiguous, or its headers are too large (mitmproxy
+    checks length too, unless validate_inbound_headers is off: this does not depend on it).
+    """
+    if req.header_bytes > MAX_HEADERS:
+        raise NotCanonical(
+            HEADERS_TOO_LARGE,
+            f"request headers of {req.header_bytes} bytes (at most {MAX_HEADERS})",
+        )
+    target = req.tunnel
+    if target is not None and target != (host_, port):
+        raise NotCanonical(
+            HOST_MISMATCH,
+            f"request for {host_}:{port} inside a tunnel to {target[0]}:{target[1]}",
+        )
+    if len(req.host_headers) > 1:
+        raise NotCanonical(HOST_MISMATCH, "more than one Host header")
+    names = [req.authority] if req.authority else []
+    names += req.host_headers
+    if req.sni and target is not None:
+        names.append(f"{req.sni}:{port}")
+    default = 443 if req.scheme == "https" else 80
+    for name in names:
+        h, p = authority(name)
+        if host(h) != host_ or (p or default) != port:
+            raise NotCanonical(HOST_MISMATCH, f"Host {name[:100]!r} is not {host_}:{port}")
+    if (req.lengths and req.chunked) or req.lengths > 1:
+        raise NotCanonical(
+            AMBIGUOUS_LENGTH, "both Content-Length and Transfer-Encoding, or two lengths"
+        )

@@ -7,10 +7,15 @@ through unseen. Only the addon's hooks change it; :meth:`Connections.cut` reads 
 
 from __future__ import annotations
 
-from mitmproxy import http
+import re
+from typing import Any
+
+from mitmproxy import ctx, http
 
 from .answers import refusal
+from .canonical import Request
 from .inflight import cut_clients
+from .policy import Decision
 from .ruleset import Kill
 
 _AUTH = b"proxy-authorization"
@@ -48,6 +53,30 @@ def active(flow: http.HTTPFlow) -> bool:
     if flow.websocket is not None:
         return flow.websocket.timestamp_end is None
     return flow.response is None or flow.response.timestamp_end is None
+
+
+def passes_through(host: str, port: int) -> bool:
+    """Whether mitmproxy will tunnel this CONNECT without intercepting it (err towards yes)."""
+    opts, addr = ctx.options, f"{host}:{port}"
+    if opts.allow_hosts and not any(re.search(x, addr, re.IGNORECASE) for x in opts.allow_hosts):
+        return True
+    return any(re.search(x, addr, re.IGNORECASE) for x in (*opts.ignore_hosts, *opts.tcp_hosts))
+
+
+def decision_record(flow: http.HTTPFlow, d: Decision, would: bool) -> dict[str, Any]:
+    """The audit record of a decision on ``flow`` (as forwarded: canonical, no credentials)."""
+    req = flow.request
+    peer = flow.client_conn.peername
+    return {
+        "agent": d.agent,
+        "instance": peer[0] if peer else None,
+        "verdict": ("would_" + d.verdict.value) if would else d.verdict.value,
+        "reason": d.reason,
+        "detail": d.detail,
+        "method": req.method,
+        "host": req.host,
+        "path": req.path.split("?", 1)[0] if req.method != "CONNECT" else "",
+    }
 
 
 class Connections:
@@ -115,3 +144,28 @@ class Connections:
             return waiting[0], refusal(403, "agent_killed", agent, kill.reason, kill, headers)
 
         return cut_clients(targets, answer), flows
+
+    def request(self, flow: http.HTTPFlow, auth: str | None, two: bool) -> Request:
+        """The gate's view of ``flow`` (its credentials already taken off)."""
+        req, cid = flow.request, flow.client_conn.id
+        connect = req.method == "CONNECT"
+        fields = req.headers.fields
+        return Request(
+            auth,
+            two,
+            self.tunnel_auth.get(cid),
+            # mitmproxy upper-cases .method but sends the bytes as they came: check those.
+            req.data.method.decode("utf-8", "replace"),
+            req.host,
+            req.port,
+            "" if connect else req.path,
+            connect,
+            req.scheme,
+            req.authority,
+            tuple(req.headers.get_all("host")),
+            flow.client_conn.sni,
+            self.tunnel_target.get(cid),
+            sum(len(k) + len(v) + 4 for k, v in fields),
+            len(req.headers.get_all("content-length")),
+            "transfer-encoding" in req.headers,
+        )

@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +28,10 @@ from . import admin, agentapi
 from . import audit as audit_mod
 from .alerts import Alerter
 from .answers import refusal
-from .connections import Connections, active, take_headers
+from .connections import Connections, active, decision_record, passes_through, take_headers
 from .control import KillEnforcer, Liveness, Publisher, Reloader, load_pricing_file
 from .cost import PricingError
-from .gate import AutoKill, Do, Effects, Gate, Outcome, Request
+from .gate import AutoKill, Do, Effects, Gate, Outcome
 from .metering import Metering
 from .parking import ParkingLot
 from .rules import Loader, RulesError
@@ -201,35 +200,21 @@ class Firewall:
         self.liveness.start(self.loop)
 
     def _start_admin(self) -> None:
-        listen, o = self.admin_listen, ctx.options
-        if listen is None or self.state_dir is None:
+        if self.admin_listen is None or self.state_dir is None:
             return
-        server = admin.AdminServer(
-            listen,
+        o = ctx.options
+        self.admin = admin.serve(
+            self.admin_listen,
             self.state_dir,
-            self.state_dir / audit_mod.AUDIT_FILE,
             rules_loaded=lambda: self.loader is not None,
             audit_failing=lambda: self.audit is not None and self.audit.failing,
             cert=o.axme_admin_cert,
             key=o.axme_admin_key,
         )
-        try:
-            server.start()
-        except OSError as exc:
-            # An ERROR at start-up makes mitmdump exit 1: an operator must see this.
-            log.error(
-                "axme-fw: cannot serve the admin API on %s:%s: %s", listen.host, listen.port, exc
-            )
-            ctx.master.shutdown()
-            return
-        self.admin = server
-        self.gate.admin_targets = admin.admin_targets(listen, server.port)
-        scheme = "https" if o.axme_admin_cert else "http"
-        log.info("axme-fw: admin API on %s://%s:%d", scheme, listen.host, server.port)
-        if not o.axme_admin_cert and not admin.is_loopback(listen.host):
-            log.warning(
-                "axme-fw: the admin API is plain HTTP on %s (--admin-insecure)", listen.host
-            )
+        if self.admin is None:
+            ctx.master.shutdown()  # logged as an ERROR: mitmdump exits 1
+        else:
+            self.gate.admin_targets = admin.admin_targets(self.admin_listen, self.admin.port)
 
     def _addresses(self) -> tuple[list[str], str | None]:
         """The proxy's listen addresses and the admin listener's, as bound."""
@@ -309,20 +294,9 @@ class Firewall:
     def _effects(self, fx: Effects, flow: http.HTTPFlow | None = None) -> None:
         for d, would in fx.records:
             assert flow is not None
-            req = flow.request
             if would:
                 log.info("axme-fw: would %s %s (%s): %s", d.verdict, d.agent, d.reason, d.detail)
-            self._audit(
-                "decision",
-                agent=d.agent,
-                instance=_peer(flow),
-                verdict=("would_" + d.verdict.value) if would else d.verdict.value,
-                reason=d.reason,
-                detail=d.detail,
-                method=req.method,
-                host=req.host,
-                path=req.path.split("?", 1)[0] if req.method != "CONNECT" else "",
-            )
+            self._audit("decision", **decision_record(flow, d, would))
         for event, fields in fx.events:
             self._audit(event, **fields)
         for event, fields in fx.alerts:
@@ -341,36 +315,12 @@ class Firewall:
         else:
             flow.response = refusal(out.status, d.reason, d.agent, d.detail, d.kill, out.headers)
 
-    def _request(self, flow: http.HTTPFlow, auth: str | None, two: bool) -> Request:
-        req, cid = flow.request, flow.client_conn.id
-        connect = req.method == "CONNECT"
-        fields = req.headers.fields
-        return Request(
-            auth,
-            two,
-            self.conns.tunnel_auth.get(cid),
-            # mitmproxy upper-cases .method but sends the bytes as they came: check those.
-            req.data.method.decode("utf-8", "replace"),
-            req.host,
-            req.port,
-            "" if connect else req.path,
-            connect,
-            req.scheme,
-            req.authority,
-            tuple(req.headers.get_all("host")),
-            flow.client_conn.sni,
-            self.conns.tunnel_target.get(cid),
-            sum(len(k) + len(v) + 4 for k, v in fields),
-            len(req.headers.get_all("content-length")),
-            "transfer-encoding" in req.headers,
-        )
-
     # ------------------------------------------------------------ hooks
 
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         auth, _instance, two = take_headers(flow.request)
-        out = self.gate.connect(self._request(flow, auth, two), self._passes_through)
+        out = self.gate.connect(self.conns.request(flow, auth, two), passes_through)
         cid, d, facts = flow.client_conn.id, out.decision, out.facts
         if out.do is not Do.REFUSE:
             if facts.user is not None and facts.token is not None:
@@ -389,21 +339,12 @@ class Firewall:
         else:
             self._answer(flow, out)
 
-    def _passes_through(self, host: str, port: int) -> bool:
-        """Whether mitmproxy will tunnel this CONNECT without intercepting it (err towards yes)."""
-        opts, addr = ctx.options, f"{host}:{port}"
-        if opts.allow_hosts and not any(
-            re.search(x, addr, re.IGNORECASE) for x in opts.allow_hosts
-        ):
-            return True
-        return any(re.search(x, addr, re.IGNORECASE) for x in (*opts.ignore_hosts, *opts.tcp_hosts))
-
     @_fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:  # answered by another addon already
             return
         auth, instance, two = take_headers(flow.request)
-        out = self.gate.request(self._request(flow, auth, two), time.time())
+        out = self.gate.request(self.conns.request(flow, auth, two), time.time())
         if out.path is not None:
             flow.request.path = out.path  # the upstream reads what the rules matched
         if out.host is not None:

@@ -25,48 +25,30 @@ The only state the gate changes is through its :class:`~axme_fw.store.Store`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from . import canonical
+from .canonical import Request
 from .cost import ApiKind, Pricing, Usage, detect_api
 from .identity import parse_proxy_auth
-from .limits import Exceeded, LimitSpec, OnExceed, retry_after_header
+from .limits import (
+    AgentSpecs,
+    Exceeded,
+    LimitSpec,
+    OnExceed,
+    agent_specs,
+    limit_detail,
+    retry_after_header,
+)
 from .meter import Call, Meter, Refused, cost_detail, usage_rows
 from .policy import ANONYMOUS, Decision, Facts, Verdict, decide, identify
 from .ruleset import EMPTY, Agent, Ruleset
 from .store import Store
-from .yamlnodes import format_duration
 
 CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
-HOST_MISMATCH = canonical.HOST_MISMATCH
-AMBIGUOUS_LENGTH = "ambiguous_length"
-HEADERS_TOO_LARGE = "headers_too_large"
-MAX_HEADERS = 64 << 10  # request header bytes: more is abuse, not an API call
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One request (or CONNECT) as it arrived, before any canonical spelling."""
-
-    auth: str | None  # the Proxy-Authorization value, taken off the request
-    two_auth: bool  # more than one Proxy-Authorization header
-    tunnel_auth: tuple[str, str] | None  # credentials of the CONNECT this is inside
-    method: str  # as sent (not upper-cased)
-    host: str
-    port: int
-    target: str = ""  # the request target as sent; "" for CONNECT
-    connect: bool = False
-    scheme: str = "http"
-    authority: str = ""
-    host_headers: tuple[str, ...] = ()
-    sni: str | None = None
-    tunnel: tuple[str, int] | None = None  # the CONNECT target this request is inside
-    header_bytes: int = 0
-    lengths: int = 0  # Content-Length headers
-    chunked: bool = False  # a Transfer-Encoding header
 
 
 class Do(StrEnum):
@@ -109,48 +91,10 @@ class Outcome:
     fx: Effects = field(default_factory=Effects)
 
 
-@dataclass(frozen=True)
-class AgentSpecs:
-    """An agent's limits, prepared once per rules load for the per-request path."""
-
-    requests: tuple[LimitSpec, ...]
-    actions: dict[str, tuple[LimitSpec, ...]]
-    cost: LimitSpec | None
-
-    def all(self) -> list[LimitSpec]:
-        out = [*self.requests, *(s for specs in self.actions.values() for s in specs)]
-        return [*out, self.cost] if self.cost is not None else out
-
-
-def agent_specs(limits: Sequence[Any]) -> AgentSpecs:
-    requests: list[LimitSpec] = []
-    actions: dict[str, tuple[LimitSpec, ...]] = {}
-    cost = None
-    for lim in limits:
-        spec = LimitSpec(lim.key, lim.max, lim.per, OnExceed(lim.on_exceed), lim.warn_at)
-        if lim.key == "requests":
-            requests.append(spec)
-        elif lim.key == "cost_usd":
-            cost = spec
-        else:
-            name = lim.key.removeprefix("actions.")
-            actions[name] = (*actions.get(name, ()), spec)
-    return AgentSpecs(tuple(requests), actions, cost)
-
-
-def limit_detail(ex: Exceeded) -> str:
-    """``limits.actions.deploy: max 3 per 6h reached (3 used)``: for people and kill.yaml."""
-    spec = ex.spec
-    return (
-        f"limits.{spec.key}: max {spec.max:g} per {format_duration(spec.per)} reached "
-        f"({ex.used:g} used)"
-    )
-
-
 def _status(d: Decision) -> int:
     if d.verdict is Verdict.AUTH:
         return 407
-    return 431 if d.reason == HEADERS_TOO_LARGE else 403
+    return 431 if d.reason == canonical.HEADERS_TOO_LARGE else 403
 
 
 class Gate:
@@ -256,7 +200,7 @@ class Gate:
                 path, target = p.match, p.target if p.changed else None
             facts = Facts(user, token, host, req.port, method, path)
             if not req.connect:
-                check_target(req, facts)
+                canonical.check_request(req, facts.host, facts.port)
         except canonical.NotCanonical as exc:
             raw = Facts(user, token, req.host.lower(), req.port, req.method.upper(), "")
             return raw, self._named(raw, exc.reason, exc.detail), None
@@ -420,38 +364,3 @@ class Gate:
             mode = "park" if crossed.spec.on_exceed is OnExceed.PARK else "block"
             fx.auto_kill = AutoKill(call.agent, mode, crossed.spec, cost_detail(crossed))
         return fx
-
-
-def check_target(req: Request, facts: Facts) -> None:
-    """Raise :class:`canonical.NotCanonical` when the request names another host than
-    where it goes, its body length is ambiguous, or its headers are too large (mitmproxy
-    checks length too, unless validate_inbound_headers is off: this does not depend on it).
-    """
-    if req.header_bytes > MAX_HEADERS:
-        raise canonical.NotCanonical(
-            HEADERS_TOO_LARGE,
-            f"request headers of {req.header_bytes} bytes (at most {MAX_HEADERS})",
-        )
-    target = req.tunnel
-    if target is not None and target != (facts.host, facts.port):
-        raise canonical.NotCanonical(
-            HOST_MISMATCH,
-            f"request for {facts.host}:{facts.port} inside a tunnel to {target[0]}:{target[1]}",
-        )
-    if len(req.host_headers) > 1:
-        raise canonical.NotCanonical(HOST_MISMATCH, "more than one Host header")
-    names = [req.authority] if req.authority else []
-    names += req.host_headers
-    if req.sni and target is not None:
-        names.append(f"{req.sni}:{facts.port}")
-    default = 443 if req.scheme == "https" else 80
-    for name in names:
-        h, p = canonical.authority(name)
-        if canonical.host(h) != facts.host or (p or default) != facts.port:
-            raise canonical.NotCanonical(
-                HOST_MISMATCH, f"Host {name[:100]!r} is not {facts.host}:{facts.port}"
-            )
-    if (req.lengths and req.chunked) or req.lengths > 1:
-        raise canonical.NotCanonical(
-            AMBIGUOUS_LENGTH, "both Content-Length and Transfer-Encoding, or two lengths"
-        )

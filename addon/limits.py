@@ -32,13 +32,17 @@ from enum import StrEnum
 from typing import Any
 
 from .limits_series import Series, finite_number, from_snapshot, to_snapshot
+from .yamlnodes import format_duration
 
 __all__ = [
+    "AgentSpecs",
     "Exceeded",
     "LimitSpec",
     "OnExceed",
     "Reservation",
     "Windows",
+    "agent_specs",
+    "limit_detail",
     "retry_after_header",
 ]
 
@@ -341,3 +345,41 @@ class Windows:
         windows = cls()
         windows._series = from_snapshot(data, now)
         return windows
+
+
+@dataclass(frozen=True)
+class AgentSpecs:
+    """An agent's limits, prepared once per rules load for the per-request path."""
+
+    requests: tuple[LimitSpec, ...]
+    actions: dict[str, tuple[LimitSpec, ...]]
+    cost: LimitSpec | None
+
+    def all(self) -> list[LimitSpec]:
+        out = [*self.requests, *(s for specs in self.actions.values() for s in specs)]
+        return [*out, self.cost] if self.cost is not None else out
+
+
+def agent_specs(limits: Sequence[Any]) -> AgentSpecs:
+    requests: list[LimitSpec] = []
+    actions: dict[str, tuple[LimitSpec, ...]] = {}
+    cost = None
+    for lim in limits:
+        spec = LimitSpec(lim.key, lim.max, lim.per, OnExceed(lim.on_exceed), lim.warn_at)
+        if lim.key == "requests":
+            requests.append(spec)
+        elif lim.key == "cost_usd":
+            cost = spec
+        else:
+            name = lim.key.removeprefix("actions.")
+            actions[name] = (*actions.get(name, ()), spec)
+    return AgentSpecs(tuple(requests), actions, cost)
+
+
+def limit_detail(ex: Exceeded) -> str:
+    """``limits.actions.deploy: max 3 per 6h reached (3 used)``: for people and kill.yaml."""
+    spec = ex.spec
+    return (
+        f"limits.{spec.key}: max {spec.max:g} per {format_duration(spec.per)} reached "
+        f"({ex.used:g} used)"
+    )
