@@ -1,4 +1,4 @@
-"""Webhook alerts, sent off the request path.
+"""Control: webhook alerts, sent off the request path.
 
 :meth:`Alerter.send` only puts the event on a bounded queue (never blocks, safe from
 the event loop). One daemon thread POSTs JSON to every webhook subscribed to the

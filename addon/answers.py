@@ -1,4 +1,4 @@
-"""What the proxy answers on its own: refusals with a JSON body and a reason header."""
+"""mitmproxy face: what the proxy answers on its own: JSON refusals with a reason header."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hash-chained audit log: ``state/audit.jsonl``.
+"""State: hash-chained audit log: ``state/audit.jsonl``.
 
 Each line is one JSON object ``{"seq", "ts", "event", ..., "prev"}`` where ``prev`` is
 the SHA-256 of the previous line's bytes (64 zeros for the first). ``audit.head``

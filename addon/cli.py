@@ -1,4 +1,4 @@
-"""``axme-fw``: the command line. The only module that imports click.
+"""CLI: ``axme-fw``: the command line. The only module that imports click.
 
 Exit codes: 0 ok, 1 failure, 2 usage error. Errors are one line on stderr; ``--json``
 output is pure JSON on stdout.

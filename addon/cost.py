@@ -1,4 +1,4 @@
-"""What an LLM call cost: usage from its traffic (see `usage.py`) times a price list.
+"""Pure core: what an LLM call cost: usage from its traffic (see `usage.py`) times a price list.
 
 Pure: stdlib and yaml only. The price list is `rules/pricing.yaml`:
 

@@ -1,4 +1,4 @@
-"""``axme-fw doctor``: is this process's environment really behind the firewall?
+"""CLI: ``axme-fw doctor``: is this process's environment really behind the firewall?
 
 Run inside an agent's container, with the agent's environment. Each check gives pass,
 fail or skip (not checkable because an earlier check failed), one line of detail and,

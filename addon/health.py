@@ -1,4 +1,4 @@
-"""Health from traffic: every flow is a heartbeat for its agent and instance.
+"""Pure core: health from traffic: every flow is a heartbeat for its agent and instance.
 
 Pure: no I/O, no clock (every call takes ``now``). The proxy records each flow with
 :meth:`Health.saw` (a dictionary update on the hot path), and sweeps for staleness a

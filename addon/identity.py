@@ -1,4 +1,4 @@
-"""Who is calling: proxy credentials → (agent, token); the instance from the client.
+"""Pure core: who is calling: proxy credentials → (agent, token); the instance from the client.
 
 Pure. The token is checked against the rules in :func:`axme_fw.policy.identify`.
 """

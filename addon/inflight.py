@@ -1,4 +1,4 @@
-"""Ending work already in progress: answering a request stuck upstream, cutting connections.
+"""mitmproxy face: ending work in progress: answering a request stuck upstream, cutting it.
 
 mitmproxy has no public API for this (``flow.kill()`` does not stop a flow in transit,
 mitmproxy #4711). What works, checked on 12.3 and covered by e2e tests: cancel the

@@ -1,4 +1,4 @@
-"""The kill list, ``rules/kill.yaml``: read-modify-write under a lock, written atomically.
+"""State: the kill list, ``rules/kill.yaml``: read-modify-write under a lock, written atomically.
 
 Written by ``axme-fw kill/pause/resume`` and by the proxy's auto-kills. Each write
 bumps ``revision``; the running proxy records the revision it enforces in

@@ -1,4 +1,4 @@
-"""Spend metering for LLM calls: reserve an estimate before a call, settle with real usage.
+"""Pure core: spend metering for LLM calls: reserve an estimate, settle with real usage.
 
 Pure (no mitmproxy, no I/O, no clock): the addon calls :meth:`Meter.begin` when a
 request's body is known, :meth:`Meter.settle` when its response ended (or broke).

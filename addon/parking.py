@@ -1,4 +1,4 @@
-"""Parking: hold an agent's flows (mitmproxy intercept) until resume, kill, timeout or shutdown.
+"""mitmproxy face: parking: hold flows (intercept) until resume, kill, timeout or shutdown.
 
 Rules the e2e tests hold us to:
 

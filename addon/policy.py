@@ -1,4 +1,4 @@
-"""The decision: one pure function from rules and request facts to a verdict.
+"""Pure core: the decision: one pure function from rules and request facts to a verdict.
 
 Evaluation order, first match wins (DESIGN.md "Decisions on a request"):
 

@@ -1,4 +1,4 @@
-"""Pure core: a rules directory, ``rules/*.yaml`` → one frozen, validated :class:`Ruleset`.
+"""State: a rules directory, ``rules/*.yaml`` → one frozen, validated :class:`Ruleset`.
 
 Every ``*.yaml`` in the directory is parsed (:mod:`axme_fw.rules_file`) and merged. The
 same agent or action defined in two files, an unknown key, a wrong type, a bad duration

@@ -1,4 +1,4 @@
-"""``axme-fw run``: mitmproxy's DumpMaster with the firewall addon, until SIGINT/SIGTERM.
+"""CLI: ``axme-fw run``: mitmproxy's DumpMaster with the firewall addon, until SIGINT/SIGTERM.
 
 Not ``mitmdump -s``: the script loader reloads an addon when its file changes, which
 would drop in-memory state (parked flows, counters).

@@ -1,4 +1,4 @@
-"""Load axme-fw into plain mitmdump or mitmproxy:
+"""mitmproxy face: load axme-fw into plain mitmdump or mitmproxy:
 
     mitmdump -s addon/script.py --set axme_rules=rules --set axme_state=state \\
              --set confdir=state --set connection_strategy=lazy

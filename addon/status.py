@@ -1,4 +1,4 @@
-"""``axme-fw status``: what every agent is doing, from the state directory.
+"""CLI: ``axme-fw status``: what every agent is doing, from the state directory.
 
 Reads what the proxy publishes (``live.json``, refreshed a few times a second) or, when
 no proxy is running, its durable copy (``state.json``) — and says which. Never talks

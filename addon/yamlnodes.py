@@ -1,4 +1,4 @@
-"""Typed validation over PyYAML nodes, so every error names file, line and key.
+"""Pure core: typed validation over PyYAML nodes, so every error names file, line and key.
 
 Parsing goes through ``yaml.compose`` (not ``safe_load``): nodes keep their marks,
 so a wrong value deep in a file is reported as ``FILE:LINE: dotted.key: problem``.
