@@ -1,0 +1,133 @@
+"""CLI: ``axme-fw audit``: the timeline from the audit log, and ``audit verify``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import audit as audit_mod
+from .cli_common import CONTEXT, STATE_OPT, fail, need_dir
+from .yamlnodes import parse_duration
+
+NOISY = frozenset(
+    {"decision", "llm.usage", "kill.written", "limit.throttled"}
+)  # per request: --all shows them
+
+
+def parse_since(value: str | None) -> str | None:
+    """``--since 1h`` / ``30m`` / ``2026-11-30T06:00:00Z`` → an ISO time to compare with."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    seconds = parse_duration(value)
+    if seconds is not None:
+        then = datetime.now(UTC) - timedelta(seconds=seconds)
+    else:
+        try:
+            then = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            fail(f"--since {value!r}: use a duration (30m, 1h, 2d) or an ISO time", 2)
+        if then.tzinfo is None:
+            then = then.replace(tzinfo=UTC)
+    return then.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def timeline_line(rec: Mapping[str, Any]) -> str:
+    """``2026-11-30 06:46:03  agent.killed       deployer  by cli:alice: runaway deploys``."""
+    ts = str(rec.get("ts", "?")).replace("T", " ")[:19]
+    event = str(rec.get("event", "?"))
+    agent = str(rec.get("agent") or "")
+    by = f"by {rec['by']}" if rec.get("by") else ""
+    reason = rec.get("reason") or rec.get("detail") or ""
+    skip = {"seq", "ts", "event", "prev", "agent", "by", "reason", "detail", "at"}
+    extra = " ".join(
+        f"{k}={v}" for k, v in rec.items() if k not in skip and v not in (None, "", [], {})
+    )
+    text = ": ".join(x for x in (by, str(reason)) if x)
+    return "  ".join(x for x in (ts, f"{event:<20}", f"{agent:<12}", text, extra) if x).rstrip()
+
+
+@click.group(context_settings=CONTEXT, invoke_without_command=True)
+@click.option("--agent", help="Only records about this agent.")
+@click.option("--since", help="Only records since a duration ago (1h, 30m) or an ISO time.")
+@click.option("--all", "show_all", is_flag=True, help="Include per-request records.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (all records).")
+@STATE_OPT
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    agent: str | None,
+    since: str | None,
+    show_all: bool,
+    as_json: bool,
+    state_dir: Path,
+) -> None:
+    """A timeline of kills, resumes, auto-kills, rule changes and alerts.
+
+    `audit verify` checks the log's hash chain.
+
+    Example: axme-fw audit --since 1h --agent deployer
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    need_dir(state_dir, "state")
+    start = parse_since(since)
+    for rec in audit_mod.read(state_dir / audit_mod.AUDIT_FILE):
+        if agent is not None and rec.get("agent") != agent:
+            continue
+        if start is not None and str(rec.get("ts", "")) < start:
+            continue
+        if as_json:
+            click.echo(json.dumps(rec))
+        elif show_all or rec.get("event") not in NOISY:
+            click.echo(timeline_line(rec))
+
+
+@audit.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--state",
+    "state_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="State directory (default: `audit --state`, AXME_FW_STATE, ./state).",
+)
+@click.pass_context
+def verify(ctx: click.Context, as_json: bool, state_dir: Path | None) -> None:
+    """Check the hash chain; exit 1 naming the first bad line.
+
+    `axme-fw audit --state X verify` and `axme-fw audit verify --state X` are the same.
+
+    Example: axme-fw audit verify --state state
+    """
+    group = ctx.parent
+    assert group is not None
+    for name, flag in (("agent", "--agent"), ("since", "--since"), ("show_all", "--all")):
+        if group.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+            fail(f"{flag} does not apply to `audit verify` (it checks the whole log)", 2)
+    as_json = as_json or bool(group.params["as_json"])
+    state = need_dir(state_dir if state_dir is not None else group.params["state_dir"], "state")
+    path = state / audit_mod.AUDIT_FILE
+    result = audit_mod.verify(path)
+    if as_json:
+        out = {
+            "ok": result.ok,
+            "records": result.lines,
+            "problem": result.problem,
+            "file": str(path),
+        }
+        click.echo(json.dumps(out))
+        sys.exit(0 if result.ok else 1)
+    if not result.ok:
+        fail(result.problem)
+    note = f" ({result.problem})" if result.problem else ""
+    click.echo(f"audit log intact: {result.lines} records in {path}{note}")
+
+
+# ---------------------------------------------------------------- rules, agents, env
