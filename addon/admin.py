@@ -1,15 +1,16 @@
 """mitmproxy face: the admin listener, on the proxy's own event loop (tornado).
 
-This first slice serves the two endpoints every platform probes, without auth:
+Serves, without auth, the two endpoints every platform probes:
 
 - ``GET /healthz``: the process is alive and its loop answers (200).
 - ``GET /readyz``: rules loaded, state directory writable, audit log writable (200),
   else 503 naming the failing check. The write probes run off the loop.
 
+and the operators' API (bearer tokens, roles) of :mod:`axme_fw.admin_api`.
+
 Listening off loopback without TLS needs ``--admin-insecure`` (and logs a warning).
-Agents can never reach the listener through the proxy: the addon refuses any flow to
-one of :func:`admin_targets` as ``control_forbidden``. Operator tokens, kills, status,
-audit and metrics endpoints (issue 13) build on this listener.
+Agents can never reach the listener through the proxy: the gate refuses any flow to
+one of :func:`admin_targets` as ``control_forbidden``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,9 @@ class AdminServer:
         audit_failing: Callable[[], bool],
         cert: str = "",
         key: str = "",
+        backend: Any = None,
     ) -> None:
+        self.backend = backend  # admin_api.Backend: the /v1 routes and /metrics
         self.listen = listen
         self.state_dir = state_dir
         self.audit_path = audit_path
@@ -166,9 +170,12 @@ class AdminServer:
                 body = {"error": "not_found", "detail": f"no endpoint {self.request.path}"}
                 self.finish(json.dumps(body) + "\n")
 
-        app = tornado.web.Application(
-            [(r"/healthz", Healthz), (r"/readyz", Readyz)], default_handler_class=NotFound
-        )
+        handlers: list[Any] = [(r"/healthz", Healthz), (r"/readyz", Readyz)]
+        if self.backend is not None:
+            from .admin_api import routes
+
+            handlers += routes(self.backend)
+        app = tornado.web.Application(handlers, default_handler_class=NotFound)
         ssl_ctx = None
         if self.cert:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -206,13 +213,14 @@ def serve(
     audit_failing: Callable[[], bool],
     cert: str = "",
     key: str = "",
+    backend: Any = None,
 ) -> AdminServer | None:
     """Start the admin listener on the running loop; None (logged as an ERROR, which an
     operator must see at start-up) when it cannot bind."""
     from .audit import AUDIT_FILE
 
     server = AdminServer(
-        listen, state_dir, state_dir / AUDIT_FILE, rules_loaded, audit_failing, cert, key
+        listen, state_dir, state_dir / AUDIT_FILE, rules_loaded, audit_failing, cert, key, backend
     )
     try:
         server.start()

@@ -63,6 +63,11 @@ class Alerter:
         self._backoff = backoff
         self._workers: dict[str, _Worker] = {}
 
+    def counts(self) -> tuple[int, int]:
+        """(delivered, failed) webhook calls so far."""
+        ws = list(self._workers.values())
+        return sum(w.delivered for w in ws), sum(w.failed for w in ws)
+
     def send(self, event: str, **fields: Any) -> None:
         """Queue ``event`` for every webhook that asked for it. Never blocks."""
         body = {"event": event, "text": text_for(event, fields), **fields}
@@ -96,6 +101,7 @@ class _Worker:
         self.queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(QUEUE_SIZE)
         self._on_failure = on_failure
         self._backoff = backoff
+        self.delivered = self.failed = 0  # written by this worker's thread only
         self._thread = threading.Thread(
             target=self._run, name=f"axme-fw-alert-{redact(url)}", daemon=True
         )
@@ -128,6 +134,7 @@ class _Worker:
                 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
                 with opener.open(req, timeout=TIMEOUT) as resp:
                     if 200 <= resp.status < 300:
+                        self.delivered += 1
                         return
                     error = f"HTTP {resp.status}"
             except urllib.error.HTTPError as exc:
@@ -136,6 +143,7 @@ class _Worker:
                 error = str(exc)
             if attempt + 1 < TRIES:
                 time.sleep(self._backoff * 2**attempt)
+        self.failed += 1
         log.warning("axme-fw: alert %s to %s failed: %s", event, redact(url), error)
         self._on_failure(
             "alert.failed",

@@ -128,6 +128,7 @@ class AuditWriter:
         self.retry_delay = retry_delay  # seconds; attempt k waits k * retry_delay after failing
         self.dropped = 0  # records given up on; only the writer thread changes it
         self.failing = False  # the last append failed (readiness reads it)
+        self.failures = 0  # failed append attempts (metrics)
         self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="axme-fw-audit", daemon=True)
         self._thread.start()
@@ -175,6 +176,7 @@ class AuditWriter:
                     self.ATTEMPTS,
                 )
             self.failing = True
+            self.failures += 1
             if attempt < self.ATTEMPTS:
                 time.sleep(self.retry_delay * attempt)
         self.dropped += len(batch)
@@ -266,3 +268,41 @@ def read(path: Path) -> Iterator[Mapping[str, Any]]:
                 continue
             if isinstance(obj, dict):
                 yield obj
+
+
+# Per-request records: the timeline shows them only when asked (--all, all=1).
+NOISY = frozenset({"decision", "llm.usage", "kill.written", "limit.throttled"})
+
+
+def since_iso(value: str | None) -> str | None:
+    """``1h`` / ``30m`` / ``2026-11-30T06:00:00Z`` → an ISO time to compare records with.
+
+    Raises ValueError (the message names the value and what to use instead).
+    """
+    if value is None:
+        return None
+    from datetime import UTC, datetime, timedelta
+
+    from .yamlnodes import parse_duration
+
+    seconds = parse_duration(value)
+    if seconds is not None:
+        then = datetime.now(UTC) - timedelta(seconds=seconds)
+    else:
+        try:
+            then = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{value!r}: use a duration (30m, 1h, 2d) or an ISO time") from None
+        if then.tzinfo is None:
+            then = then.replace(tzinfo=UTC)
+    return then.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def select(path: Path, agent: str | None, since: str | None) -> Iterator[Mapping[str, Any]]:
+    """The records of ``path`` about ``agent`` (all when None) since an ISO time."""
+    for rec in read(path):
+        if agent is not None and rec.get("agent") != agent:
+            continue
+        if since is not None and str(rec.get("ts", "")) < since:
+            continue
+        yield rec

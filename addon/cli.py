@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from . import audit as audit_mod
+from . import cli_remote as remote
 from . import killswitch
 from .cli_audit import audit
 from .cli_common import (
@@ -23,16 +24,34 @@ from .cli_common import (
     fail,
     load_rules,
     need_dir,
+    remote_client,
     rules_for_reading,
     who,
 )
-from .cli_setup import agent, doctor, env, rules
+from .cli_setup import agent, doctor, env, operator, rules
 from .rules import Loader, RulesError
 from .ruleset import is_pattern
 
 
 @click.group(context_settings=CONTEXT)
-def main() -> None:
+@click.option(
+    "--server",
+    envvar="AXME_FW_SERVER",
+    metavar="URL",
+    help="Talk to this proxy's admin API (or AXME_FW_SERVER) instead of local directories; "
+    "the token comes from AXME_FW_ADMIN_TOKEN or --token-file.",
+)
+@click.option("--token-file", type=click.Path(path_type=Path), help="A file holding the token.")
+@click.option(
+    "--cacert",
+    envvar="AXME_FW_CACERT",
+    type=click.Path(exists=True, dir_okay=False),
+    help="CA certificate for an https:// server signed by a private CA (or AXME_FW_CACERT).",
+)
+@click.pass_context
+def main(
+    ctx: click.Context, server: str | None, token_file: Path | None, cacert: str | None
+) -> None:
     """Egress firewall and kill switch for AI agents.
 
     \b
@@ -41,7 +60,9 @@ def main() -> None:
       axme-fw run                       # the proxy on 127.0.0.1:8080
       eval "$(axme-fw env deployer)"    # in the agent's shell
       axme-fw kill deployer --reason "runaway deploys"
+      axme-fw --server https://fw.internal:8081 kill deployer   # from a laptop
     """
+    ctx.obj = remote.client(server, token_file, cacert) if server else None
 
 
 # ---------------------------------------------------------------- run
@@ -57,13 +78,14 @@ def main() -> None:
     envvar="AXME_FW_ADMIN_LISTEN",
     default="127.0.0.1:8081",
     show_default=True,
-    help="HOST:PORT of the admin API (/healthz, /readyz), or off (or AXME_FW_ADMIN_LISTEN).",
+    help="HOST:PORT of the admin API, or off (or AXME_FW_ADMIN_LISTEN).",
 )
 @click.option("--admin-cert", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--admin-key", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option(
     "--admin-insecure", is_flag=True, help="Allow plain HTTP for the admin API off loopback."
 )
+@click.option("--metrics-public", is_flag=True, help="Serve /metrics without a token.")
 @click.option(
     "--set", "sets", multiple=True, metavar="OPTION=VALUE", help="A mitmproxy option (repeatable)."
 )
@@ -76,6 +98,7 @@ def run(
     admin_cert: str | None,
     admin_key: str | None,
     admin_insecure: bool,
+    metrics_public: bool,
     sets: tuple[str, ...],
 ) -> None:
     """Start the proxy with the firewall.
@@ -100,6 +123,7 @@ def run(
         f"axme_admin_cert={admin_cert or ''}",
         f"axme_admin_key={admin_key or ''}",
         f"axme_admin_insecure={'true' if admin_insecure else 'false'}",
+        f"axme_metrics_public={'true' if metrics_public else 'false'}",
         *sets,
     )
     click.echo(
@@ -137,6 +161,10 @@ def _wait(state_dir: Path, revision: int, no_wait: bool, verb: str, written: flo
 def _kill(
     rules_dir: Path, state_dir: Path, agent: str, mode: str, reason: str, no_wait: bool
 ) -> None:
+    c = remote_client()
+    if c is not None:
+        remote.change(c, agent, mode, reason)
+        return
     need_dir(rules_dir, "rules")
     need_dir(state_dir, "state")
     # Write first: checking the name needs the whole rule set parsed, which can take a
@@ -211,6 +239,10 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
 
     Example: axme-fw resume deployer --reason "fixed the loop"
     """
+    c = remote_client()
+    if c is not None:
+        remote.change(c, agent, None, reason)
+        return
     need_dir(rules_dir, "rules")
     need_dir(state_dir, "state")
     written = time.monotonic()
@@ -251,6 +283,10 @@ def status(as_json: bool, watch: bool, rules_dir: Path, state_dir: Path) -> None
 
     from .status import gather, render
 
+    c = remote_client()
+    if c is not None:
+        remote.status(c, as_json, watch)
+        return
     need_dir(state_dir, "state")
     rules, warning = rules_for_reading(rules_dir, state_dir)
     if as_json:
@@ -283,5 +319,5 @@ def status(as_json: bool, watch: bool, rules_dir: Path, state_dir: Path) -> None
 # ---------------------------------------------------------------- audit
 
 
-for _command in (audit, rules, agent, env, doctor):
+for _command in (audit, rules, agent, operator, env, doctor):
     main.add_command(_command)

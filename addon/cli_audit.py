@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import audit as audit_mod
-from .cli_common import CONTEXT, STATE_OPT, fail, need_dir
-from .yamlnodes import parse_duration
-
-NOISY = frozenset(
-    {"decision", "llm.usage", "kill.written", "limit.throttled"}
-)  # per request: --all shows them
+from . import cli_remote as remote
+from .cli_common import CONTEXT, STATE_OPT, fail, need_dir, remote_client
 
 
 def parse_since(value: str | None) -> str | None:
     """``--since 1h`` / ``30m`` / ``2026-11-30T06:00:00Z`` → an ISO time to compare with."""
-    if value is None:
-        return None
-    from datetime import UTC, datetime, timedelta
-
-    seconds = parse_duration(value)
-    if seconds is not None:
-        then = datetime.now(UTC) - timedelta(seconds=seconds)
-    else:
-        try:
-            then = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            fail(f"--since {value!r}: use a duration (30m, 1h, 2d) or an ISO time", 2)
-        if then.tzinfo is None:
-            then = then.replace(tzinfo=UTC)
-    return then.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return audit_mod.since_iso(value)
+    except ValueError as exc:
+        fail(f"--since {exc}", 2)
 
 
 def timeline_line(rec: Mapping[str, Any]) -> str:
@@ -76,16 +61,18 @@ def audit(
     """
     if ctx.invoked_subcommand is not None:
         return
-    need_dir(state_dir, "state")
     start = parse_since(since)
-    for rec in audit_mod.read(state_dir / audit_mod.AUDIT_FILE):
-        if agent is not None and rec.get("agent") != agent:
-            continue
-        if start is not None and str(rec.get("ts", "")) < start:
-            continue
+    found: Iterable[Mapping[str, Any]]
+    c = remote_client()
+    if c is not None:
+        found = remote.records(c, agent, start, show_all or as_json)
+    else:
+        need_dir(state_dir, "state")
+        found = audit_mod.select(state_dir / audit_mod.AUDIT_FILE, agent, start)
+    for rec in found:
         if as_json:
             click.echo(json.dumps(rec))
-        elif show_all or rec.get("event") not in NOISY:
+        elif show_all or rec.get("event") not in audit_mod.NOISY:
             click.echo(timeline_line(rec))
 
 
@@ -112,6 +99,10 @@ def verify(ctx: click.Context, as_json: bool, state_dir: Path | None) -> None:
         if group.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
             fail(f"{flag} does not apply to `audit verify` (it checks the whole log)", 2)
     as_json = as_json or bool(group.params["as_json"])
+    c = remote_client()
+    if c is not None:
+        remote.verify(c, as_json)
+        return
     state = need_dir(state_dir if state_dir is not None else group.params["state_dir"], "state")
     path = state / audit_mod.AUDIT_FILE
     result = audit_mod.verify(path)

@@ -10,6 +10,7 @@ from typing import NoReturn
 
 import click
 
+from .client import Client
 from .rules import Loader, RulesError
 from .ruleset import Ruleset
 
@@ -88,3 +89,10 @@ def rules_for_reading(rules_dir: Path, state_dir: Path) -> tuple[Ruleset, str | 
 
 def who() -> str:
     return f"cli:{os.environ.get('USER') or getpass.getuser()}"
+
+
+def remote_client() -> Client | None:
+    """The admin API client when ``axme-fw --server URL`` was given, else None."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Client) else None

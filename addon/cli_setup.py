@@ -13,7 +13,7 @@ import yaml
 
 from . import killswitch
 from .cli_common import CONTEXT, RULES_OPT, STATE_OPT, fail, load_rules, need_dir, rules_for_reading
-from .rules import GENERATED_AGENTS_FILE, Loader, RulesError, atomic_write
+from .rules import GENERATED_AGENTS_FILE, GENERATED_OPERATORS_FILE, Loader, RulesError, atomic_write
 from .ruleset import Ruleset, token_digest
 
 
@@ -73,22 +73,60 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
     if print_only:
         click.echo(yaml.safe_dump({"agents": {name: entry}}, sort_keys=False), nl=False)
     else:
-        from filelock import FileLock
-
-        path = rules_dir / GENERATED_AGENTS_FILE
-        rules_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(rules_dir / f".{GENERATED_AGENTS_FILE}.lock")):
-            data = yaml.safe_load(path.read_text()) if path.exists() else None
-            agents = (data or {}).get("agents") or {}
-            agents[name] = entry
-            header = (
-                "# Written by `axme-fw agent add`; move entries to your own files to edit them.\n"
-            )
-            atomic_write(path, header + yaml.safe_dump({"agents": agents}, sort_keys=False))
+        path = _generated(rules_dir, GENERATED_AGENTS_FILE, "agents", name, entry)
         click.echo(f"added agent {name} to {path}", err=True)
     click.echo(f"token (shown once, store it as a secret): {token}", err=True)
     if not print_only:
         click.echo(token)
+
+
+def _generated(rules_dir: Path, file: str, section: str, name: str, entry: object) -> Path:
+    """Add ``section.name: entry`` to the machine-written ``file`` under its lock."""
+    from filelock import FileLock
+
+    path = rules_dir / file
+    rules_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(rules_dir / f".{file}.lock")):
+        data = yaml.safe_load(path.read_text()) if path.exists() else None
+        entries = (data or {}).get(section) or {}
+        entries[name] = entry
+        command = "agent add" if section == "agents" else "operator add"
+        header = f"# Written by `axme-fw {command}`; move entries to your own files to edit them.\n"
+        atomic_write(path, header + yaml.safe_dump({section: entries}, sort_keys=False))
+    return path
+
+
+@click.group(context_settings=CONTEXT)
+def operator() -> None:
+    """Manage the people and tools that may call the admin API."""
+
+
+@operator.command("add", context_settings=CONTEXT)
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["viewer", "operator"]),
+    required=True,
+    help="viewer: status, audit, metrics; operator: also kill, pause, resume.",
+)
+@RULES_OPT
+def operator_add(name: str, role: str, rules_dir: Path) -> None:
+    """Create operator NAME: print its token once (stdout: the token alone); only its
+    SHA-256 is kept, in rules/operators.generated.yaml (hot-reloaded).
+
+    Example: AXME_FW_ADMIN_TOKEN=$(axme-fw operator add alice --role operator)
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        fail(f"operator name {name!r}: use letters, digits, '.', '_' and '-'", 2)
+    need_dir(rules_dir, "rules")
+    current = load_rules(rules_dir)
+    if name in current.operators:
+        fail(f"operator {name!r} already exists ({current.operators[name].where})")
+    token = secrets.token_urlsafe(32)
+    entry = {"role": role, "token_sha256": token_digest(token)}
+    path = _generated(rules_dir, GENERATED_OPERATORS_FILE, "operators", name, entry)
+    click.echo(f"added operator {name} ({role}) to {path}; the token is shown once", err=True)
+    click.echo(token)
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")

@@ -26,6 +26,7 @@ from mitmproxy.connection import Client
 
 from . import admin, agentapi
 from . import audit as audit_mod
+from .admin_ops import Operations
 from .alerts import Alerter
 from .answers import refusal
 from .connections import Connections, active, decision_record, passes_through, take_headers
@@ -33,6 +34,7 @@ from .control import KillEnforcer, Liveness, Publisher, Reloader, load_pricing_f
 from .cost import PricingError
 from .gate import AutoKill, Do, Effects, Gate, Outcome
 from .metering import Metering
+from .metrics import Metrics
 from .parking import ParkingLot
 from .rules import Loader, RulesError
 from .ruleset import EMPTY, Ruleset
@@ -82,6 +84,7 @@ class Firewall:
         self.admin_listen: admin.Listen | None = admin.parse_listen(admin.DEFAULT_LISTEN)
         self.admin: admin.AdminServer | None = None
         self.alerter: Alerter | None = None
+        self.metrics = Metrics(lambda name: name in self.rules.agents, self._gauges)
         self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
         # Set by configure (the state directory), with everything built on them.
         self.store: LocalStore
@@ -109,6 +112,9 @@ class Firewall:
         loader.add_option("axme_admin_key", str, "", "axme-fw: admin TLS key (PEM)")
         loader.add_option(
             "axme_admin_insecure", bool, False, "axme-fw: plain HTTP admin off loopback"
+        )
+        loader.add_option(
+            "axme_metrics_public", bool, False, "axme-fw: serve /metrics without a token"
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -197,12 +203,24 @@ class Firewall:
         self._start_admin()
         self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
         self.publisher.enforced()
+        self.publisher.touch()  # live.json from the start: status knows a proxy runs
         self.liveness.start(self.loop)
 
     def _start_admin(self) -> None:
         if self.admin_listen is None or self.state_dir is None:
             return
-        o = ctx.options
+        o, loader = ctx.options, self.loader
+        assert loader is not None
+        ops = Operations(
+            lambda: self.rules,
+            lambda: loader.directory,
+            self.state_dir,
+            self.reload,
+            self._addresses,
+            self._audit,
+            self.metrics,
+            bool(o.axme_metrics_public),
+        )
         self.admin = admin.serve(
             self.admin_listen,
             self.state_dir,
@@ -210,6 +228,7 @@ class Firewall:
             audit_failing=lambda: self.audit is not None and self.audit.failing,
             cert=o.axme_admin_cert,
             key=o.axme_admin_key,
+            backend=ops,
         )
         if self.admin is None:
             ctx.master.shutdown()  # logged as an ERROR: mitmdump exits 1
@@ -273,6 +292,19 @@ class Firewall:
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:
             self.audit.write(event, **fields)
+        self.metrics.event(event, fields)
+
+    def _gauges(self) -> dict[str, Any]:
+        delivered, failed = self.alerter.counts() if self.alerter is not None else (0, 0)
+        writer = self.audit
+        return {
+            "parked": self.lot.counts(),
+            "usage": self.gate.usage(time.time()) if "gate" in self.__dict__ else {},
+            "alerts_delivered": delivered,
+            "alerts_failed": failed,
+            "audit_failures": writer.failures if writer is not None else 0,
+            "audit_dropped": writer.dropped if writer is not None else 0,
+        }
 
     def _alert(self, event: str, **fields: Any) -> None:
         if self.alerter is not None:
@@ -320,7 +352,10 @@ class Firewall:
     @_fail_closed
     def http_connect(self, flow: http.HTTPFlow) -> None:
         auth, _instance, two = take_headers(flow.request)
+        t0 = time.perf_counter()
         out = self.gate.connect(self.conns.request(flow, auth, two), passes_through)
+        d = out.decision
+        self.metrics.request(d.agent, out.do.value, d.reason, time.perf_counter() - t0)
         cid, d, facts = flow.client_conn.id, out.decision, out.facts
         if out.do is not Do.REFUSE:
             if facts.user is not None and facts.token is not None:
@@ -344,7 +379,10 @@ class Firewall:
         if flow.response is not None:  # answered by another addon already
             return
         auth, instance, two = take_headers(flow.request)
+        t0 = time.perf_counter()
         out = self.gate.request(self.conns.request(flow, auth, two), time.time())
+        d = out.decision
+        self.metrics.request(d.agent, out.do.value, d.reason, time.perf_counter() - t0)
         if out.path is not None:
             flow.request.path = out.path  # the upstream reads what the rules matched
         if out.host is not None:

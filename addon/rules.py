@@ -23,10 +23,11 @@ from pathlib import Path
 import yaml
 
 from .rules_file import FilePart, parse_file
-from .ruleset import Action, Agent, Alert, Defaults, Kill, Ruleset
+from .ruleset import Action, Agent, Alert, Defaults, Kill, Operator, Ruleset
 
 KILL_FILE = "kill.yaml"
 GENERATED_AGENTS_FILE = "agents.generated.yaml"
+GENERATED_OPERATORS_FILE = "operators.generated.yaml"
 PRICING_FILE = "pricing.yaml"  # its own format (axme_fw.cost), not merged into the rules
 
 
@@ -106,7 +107,14 @@ class Loader:
             raise RulesError([f"{path}:1: cannot read: {exc}"]) from None
         if part.errors:
             raise RulesError(part.errors)
-        if part.defaults or part.actions or part.agents or part.alerts or part.invalid_actions:
+        if (
+            part.defaults
+            or part.actions
+            or part.agents
+            or part.operators
+            or part.alerts
+            or (part.invalid_actions)
+        ):
             return None
         cache = {k: v for k, v in self._cache.items() if k != path}
         if raw is not None:
@@ -132,6 +140,7 @@ def merge(parts: list[tuple[str, FilePart]]) -> Ruleset:
     actions: dict[str, tuple[Action, str]] = {}
     invalid = {a for _, p in parts for a in p.invalid_actions}
     agents: dict[str, tuple[Agent, yaml.Node, str]] = {}
+    operators: dict[str, Operator] = {}
     kills: list[Kill] = []
     alerts: list[Alert] = []
     revision = 0
@@ -150,6 +159,12 @@ def merge(parts: list[tuple[str, FilePart]]) -> Ruleset:
             if name in agents:
                 errors.append(f"{entry[2]}: agents.{name}: already defined at {agents[name][2]}")
             agents[name] = entry
+        for name, op in part.operators.items():
+            if name in operators:
+                errors.append(
+                    f"{op.where}: operators.{name}: already defined at {operators[name].where}"
+                )
+            operators[name] = op
         kills.extend(part.kills)
         alerts.extend(part.alerts)
         revision = max(revision, part.kill_revision)
@@ -180,6 +195,7 @@ def merge(parts: list[tuple[str, FilePart]]) -> Ruleset:
         alerts=tuple(alerts),
         kill_revision=revision,
         digest=digest.hexdigest(),
+        operators=operators,
     )
 
 

@@ -15,7 +15,18 @@ from pathlib import Path
 import yaml
 
 from . import yamlnodes as y
-from .ruleset import ALERT_EVENTS, ON_EXCEED, Action, Agent, Alert, Kill, Limit, make_action
+from .ruleset import (
+    ALERT_EVENTS,
+    ON_EXCEED,
+    ROLES,
+    Action,
+    Agent,
+    Alert,
+    Kill,
+    Limit,
+    Operator,
+    make_action,
+)
 
 EMPTY_FILE = (
     "empty file: a rules file holds at least one key (to remove its rules, delete the file)"
@@ -31,13 +42,17 @@ class FilePart:
     actions: dict[str, tuple[Action, str]] = field(default_factory=dict)
     invalid_actions: set[str] = field(default_factory=set)  # defined, but already reported
     agents: dict[str, tuple[Agent, yaml.Node, str]] = field(default_factory=dict)
+    operators: dict[str, Operator] = field(default_factory=dict)
     kills: list[Kill] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     kill_revision: int = 0
     digest: bytes = b""  # SHA-256 of the file's bytes, folded into Ruleset.digest
 
 
-_TOP = frozenset({"version", "defaults", "alerts", "actions", "agents", "kills", "revision"})
+_TOP = frozenset(
+    {"version", "defaults", "alerts", "actions", "agents", "operators", "kills", "revision"}
+)
+_OPERATOR = frozenset({"role", "token_sha256"})
 _DEFAULTS = frozenset({"unknown_agents", "mode", "park", "audit", "heartbeat"})
 _ACTION = frozenset({"hosts", "methods", "paths"})
 _AGENT = frozenset({"token_sha256", "allow", "addresses", "limits", "heartbeat"})
@@ -45,6 +60,7 @@ _LIMITS = frozenset({"requests", "cost_usd", "actions"})
 _LIMIT = frozenset({"max", "per", "on_exceed", "warn_at"})
 _KILL = frozenset({"agent", "mode", "reason", "by", "at"})
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def parse_file(path: Path, text: str, shown: str) -> FilePart:
@@ -81,6 +97,11 @@ def parse_file(path: Path, text: str, shown: str) -> FilePart:
                 agent = _parse_agent(gname, gv, errors, f"{shown}:{gk.start_mark.line + 1}")
                 if agent is not None:
                     part.agents[gname] = (agent, gv, agent.where)
+        elif name == "operators":
+            for oname, ok, ov in y.mapping(value, "operators", errors):
+                op = _parse_operator(oname, ov, errors, f"{shown}:{ok.start_mark.line + 1}")
+                if op is not None:
+                    part.operators[oname] = op
         elif name == "kills":
             for i, kv in enumerate(y.sequence(value, "kills", errors)):
                 kill = _parse_kill(kv, f"kills[{i}]", errors)
@@ -183,6 +204,36 @@ def _parse_limit(node: yaml.Node, key: str, errors: y.Errors, *, cost: bool) -> 
     )
 
 
+def _token(v: yaml.Node, key: str, errors: y.Errors, command: str) -> str:
+    token = (y.string(v, key, errors, raw=True) or "").lower()
+    if token and not _HEX64.match(token):
+        errors.add(v, key, f"must be 64 hex characters (printed by `{command}`)")
+    return token
+
+
+def _parse_operator(name: str, node: yaml.Node, errors: y.Errors, where: str) -> Operator | None:
+    key = f"operators.{name}"
+    before = len(errors.items)
+    role = token = ""
+    for field_name, _k, v in y.mapping(node, key, errors, _OPERATOR):
+        sub = f"{key}.{field_name}"
+        if field_name == "role":
+            role = y.string(v, sub, errors) or ""
+            if role and role not in ROLES:
+                errors.add(v, sub, f"unknown role {role!r} (use {' or '.join(ROLES)})")
+        else:
+            token = _token(v, sub, errors, "axme-fw operator add")
+    if isinstance(node, yaml.MappingNode) and len(errors.items) == before:
+        for missing, value in (("role", role), ("token_sha256", token)):
+            if not value:
+                errors.add(node, f"{key}.{missing}", "required (run `axme-fw operator add NAME`)")
+    if len(errors.items) > before or not _NAME.fullmatch(name):
+        if len(errors.items) == before:
+            errors.add(node, key, "use letters, digits, '.', '_' and '-'")
+        return None
+    return Operator(name, role, token, where)
+
+
 def _parse_agent(name: str, node: yaml.Node, errors: y.Errors, where: str) -> Agent | None:
     key = f"agents.{name}"
     before = len(errors.items)
@@ -194,9 +245,7 @@ def _parse_agent(name: str, node: yaml.Node, errors: y.Errors, where: str) -> Ag
     for field_name, _k, v in y.mapping(node, key, errors, _AGENT):
         sub = f"{key}.{field_name}"
         if field_name == "token_sha256":
-            token = (y.string(v, sub, errors, raw=True) or "").lower()
-            if token and not _HEX64.match(token):
-                errors.add(v, sub, "must be 64 hex characters (printed by `axme-fw agent add`)")
+            token = _token(v, sub, errors, "axme-fw agent add")
         elif field_name == "allow":
             allow = y.strings(v, sub, errors)
         elif field_name == "addresses":

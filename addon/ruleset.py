@@ -145,6 +145,23 @@ class Defaults:
     stale_after: float = DEFAULT_STALE_AFTER
 
 
+ROLES = ("viewer", "operator")
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """A person or tool that may call the admin API: ``viewer`` reads (status, audit,
+    metrics); ``operator`` also kills, pauses and resumes."""
+
+    name: str
+    role: str  # one of ROLES
+    token_sha256: str
+    where: str = ""
+
+    def may(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
 @dataclass(frozen=True)
 class Ruleset:
     defaults: Defaults
@@ -154,6 +171,7 @@ class Ruleset:
     alerts: tuple[Alert, ...]
     kill_revision: int
     digest: str  # SHA-256 over each file's name and SHA-256, for the audit log
+    operators: Mapping[str, Operator] = field(default_factory=dict)
     _kill_exact: dict[str, Kill] = field(default_factory=dict, repr=False)
     _kill_globs: tuple[tuple[re.Pattern[str], Kill], ...] = field(default=(), repr=False)
     _addresses: dict[str, str] = field(default_factory=dict, repr=False)

@@ -37,6 +37,7 @@ from . import killswitch, snapshot
 from .health import Health, Seen
 from .limits import Exceeded, LimitSpec, Reservation, Windows
 from .limits_series import assume_lost
+from .meter import Counters
 from .rules import atomic_write
 from .ruleset import Kill, Ruleset
 from .state import LIVE_FILE, Snapshots
@@ -48,21 +49,12 @@ FLUSH_INTERVAL = 1.0  # at most this much of limit counts is at risk in a crash
 Audit = Callable[..., None]
 
 
-class Store(Protocol):
+class Store(Counters, Protocol):
     """Shared state, as the gate and the control side use it. All calls are made on the
     proxy's event loop and never block it."""
 
-    # limits and spend
-    def admit(
-        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
-    ) -> Exceeded | None: ...
-    def reserve(
-        self, agent: str, spec: LimitSpec, amount: float, now: float
-    ) -> Reservation | Exceeded: ...
-    def settle(self, reservation: Reservation, actual: float, now: float) -> None: ...
-    def release(self, reservation: Reservation) -> None: ...
-    def used(self, agent: str, key: str, per: float, now: float) -> float: ...
-    def warn_crossed(self, agent: str, spec: LimitSpec, now: float) -> bool: ...
+    # limits and spend: the meter's Counters (admit, reserve, settle, release, used,
+    # warn_crossed), and
     def agents(self) -> list[str]: ...
 
     # kill list and acknowledgements

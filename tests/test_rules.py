@@ -46,7 +46,7 @@ ERROR_CASES: dict[str, list[str]] = {
     ],
     "unknown_top_level_key": [
         "{d}/rules.yaml:2: agent: unknown key "
-        "(expected one of: actions, agents, alerts, defaults, kills, revision, version)",
+        "(expected one of: actions, agents, alerts, defaults, kills, operators, revision, version)",
     ],
     "unknown_agent_key": [
         "{d}/rules.yaml:6: agents.deployer.alow: unknown key "

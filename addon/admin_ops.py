@@ -1,0 +1,158 @@
+"""Control: what the admin API does, on the proxy's loop: kill, resume, status, audit, metrics.
+
+A kill or resume is the same write as the CLI's (``rules/kill.yaml`` under its lock,
+off the loop), audited with the operator (``by: api:NAME``) and the caller's address.
+Then the proxy reads the kill list at once (the fast path, not waiting for the file
+watcher) and the call returns when the new revision is enforced: 200 with the time it
+took, or 202 when that is not confirmed within :data:`CONFIRM_WITHIN` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import audit as audit_mod
+from . import killswitch, snapshot
+from .metrics import Metrics
+from .rules import KILL_FILE
+from .ruleset import Operator, Ruleset, is_pattern
+
+CONFIRM_WITHIN = 2.0
+
+
+@dataclass
+class Operations:
+    rules: Callable[[], Ruleset]
+    rules_dir: Callable[[], Path]
+    state_dir: Path
+    reload: Callable[[frozenset[str]], None]
+    addresses: Callable[[], tuple[list[str], str | None]]
+    audit: Callable[..., None]
+    metrics_registry: Metrics
+    metrics_public: bool = False
+
+    def operators(self) -> Mapping[str, Operator]:
+        return self.rules().operators
+
+    def kills(self) -> dict[str, Any]:
+        rules = self.rules()
+        return {"revision": rules.kill_revision, "kills": snapshot.kills_json(rules)}
+
+    async def kill(
+        self, agent: str, mode: str, reason: str, by: str, address: str
+    ) -> tuple[int, dict[str, Any]]:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            change = await loop.run_in_executor(
+                None, killswitch.kill, self.rules_dir(), agent, mode, reason, by
+            )
+        except killswitch.KillFileError as exc:
+            return 409, {"error": "kill_list_invalid", "detail": str(exc)}
+        except OSError as exc:
+            return 500, {"error": "kill_list_unwritable", "detail": str(exc)}
+        event = "agent.paused" if mode == "park" else "agent.killed"
+        self.audit(
+            event, agent=agent, mode=mode, reason=reason, by=by, address=address,
+            revision=change.revision,
+        )  # fmt: skip
+        warnings = []
+        if not is_pattern(agent) and agent not in self.rules().agents:
+            warnings.append(f"no agent {agent!r} in the rules")
+        verb = "paused" if mode == "park" else "killed"
+        return await self._confirmed(change.revision, started, verb, agent, mode, warnings)
+
+    async def resume(
+        self, agent: str, reason: str, by: str, address: str
+    ) -> tuple[int, dict[str, Any]]:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        try:
+            change = await loop.run_in_executor(None, killswitch.resume, self.rules_dir(), agent)
+        except killswitch.KillFileError as exc:
+            return 409, {"error": "kill_list_invalid", "detail": str(exc)}
+        except OSError as exc:
+            return 500, {"error": "kill_list_unwritable", "detail": str(exc)}
+        self.audit(
+            "agent.resumed", agent=agent, reason=reason, by=by, address=address,
+            revision=change.revision,
+        )  # fmt: skip
+        warnings = []
+        if not change.removed:
+            warnings.append(f"{agent!r} was not in the kill list")
+        still = killswitch.covering(change.entries, agent)
+        if still:
+            warnings.append(f"{agent} is still covered by kill {', '.join(still)}")
+        return await self._confirmed(change.revision, started, "resumed", agent, None, warnings)
+
+    async def _confirmed(
+        self,
+        revision: int,
+        started: float,
+        verb: str,
+        agent: str,
+        mode: str | None,
+        warnings: list[str],
+    ) -> tuple[int, dict[str, Any]]:
+        self.reload(frozenset({KILL_FILE}))  # read it now (the watcher would too, later)
+        deadline = started + CONFIRM_WITHIN
+        while self.rules().kill_revision < revision and time.monotonic() < deadline:
+            await asyncio.sleep(0.002)
+        body: dict[str, Any] = {
+            "agent": agent,
+            "mode": mode,
+            "action": verb,
+            "revision": revision,
+            "warnings": warnings,
+        }
+        if self.rules().kill_revision < revision:
+            body["error"] = "not_confirmed"
+            body["detail"] = (
+                f"written to the kill list (revision {revision}); the proxy did not confirm "
+                f"it within {CONFIRM_WITHIN:g} s"
+            )
+            return 202, body
+        listen, _admin = self.addresses()
+        body["enforced_ms"] = round((time.monotonic() - started) * 1000, 2)
+        body["enforced_by"] = listen
+        return 200, body
+
+    async def status(self) -> dict[str, Any]:
+        from .status import gather
+
+        rules = self.rules()
+        return await asyncio.get_running_loop().run_in_executor(None, gather, rules, self.state_dir)
+
+    async def records(
+        self, agent: str | None, since: str | None, everything: bool
+    ) -> list[Mapping[str, Any]]:
+        """Raises ValueError for a bad ``since``."""
+        start = audit_mod.since_iso(since)
+        path = self.state_dir / audit_mod.AUDIT_FILE
+
+        def read() -> list[Mapping[str, Any]]:
+            return [
+                r
+                for r in audit_mod.select(path, agent, start)
+                if everything or r.get("event") not in audit_mod.NOISY
+            ]
+
+        return await asyncio.get_running_loop().run_in_executor(None, read)
+
+    async def verify(self) -> dict[str, Any]:
+        path = self.state_dir / audit_mod.AUDIT_FILE
+        result = await asyncio.get_running_loop().run_in_executor(None, audit_mod.verify, path)
+        return {
+            "ok": result.ok,
+            "records": result.lines,
+            "problem": result.problem,
+            "file": str(path),
+        }
+
+    def metrics(self) -> bytes:
+        return self.metrics_registry.render()
