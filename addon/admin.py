@@ -43,6 +43,32 @@ class Listen:
     port: int
 
 
+OPTIONS = frozenset(
+    {"axme_admin_listen", "axme_admin_cert", "axme_admin_key", "axme_admin_insecure"}
+)
+
+
+def add_options(loader: Any) -> None:
+    loader.add_option("axme_admin_listen", str, DEFAULT_LISTEN, "axme-fw: admin HOST:PORT, or off")
+    loader.add_option("axme_admin_cert", str, "", "axme-fw: admin TLS certificate (PEM)")
+    loader.add_option("axme_admin_key", str, "", "axme-fw: admin TLS key (PEM)")
+    loader.add_option("axme_admin_insecure", bool, False, "axme-fw: plain HTTP admin off loopback")
+    loader.add_option("axme_metrics_public", bool, False, "axme-fw: serve /metrics without a token")
+
+
+def listen_of(o: Any) -> Listen | None:
+    """The listen address the options give; mitmproxy's OptionsError (exit 1, no
+    traceback) for settings that must not start."""
+    from mitmproxy import exceptions
+
+    try:
+        listen = parse_listen(o.axme_admin_listen)
+        check(listen, o.axme_admin_cert, o.axme_admin_key, o.axme_admin_insecure)
+    except AdminConfigError as exc:
+        raise exceptions.OptionsError(f"axme-fw: {exc}") from None
+    return listen
+
+
 def parse_listen(value: str) -> Listen | None:
     """``HOST:PORT`` (``[v6]:PORT`` too) → :class:`Listen`; ``off`` → None."""
     if value.strip().lower() == "off":

@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audit as audit_mod
 from . import killswitch, snapshot
 from .metrics import Metrics
 from .rules import KILL_FILE
 from .ruleset import Operator, Ruleset, is_pattern
+
+if TYPE_CHECKING:
+    from .firewall import Firewall
 
 CONFIRM_WITHIN = 2.0
 
@@ -156,3 +159,52 @@ class Operations:
 
     def metrics(self) -> bytes:
         return self.metrics_registry.render()
+
+
+def start(fw: Firewall) -> None:
+    """Serve the admin API for ``fw`` (at ``running``); shut down when it cannot bind."""
+    from mitmproxy import ctx  # the addon's wiring: mitmproxy is running
+
+    from . import admin
+
+    if fw.admin_listen is None or fw.state_dir is None:
+        return
+    o, loader = ctx.options, fw.loader
+    assert loader is not None
+    ops = Operations(
+        lambda: fw.rules,
+        lambda: loader.directory,
+        fw.state_dir,
+        fw.reload,
+        fw._addresses,
+        fw._audit,
+        fw.metrics,
+        bool(o.axme_metrics_public),
+    )
+    fw.admin = admin.serve(
+        fw.admin_listen,
+        fw.state_dir,
+        rules_loaded=lambda: fw.loader is not None,
+        audit_failing=lambda: fw.audit is not None and fw.audit.failing,
+        cert=o.axme_admin_cert,
+        key=o.axme_admin_key,
+        backend=ops,
+    )
+    if fw.admin is None:
+        ctx.master.shutdown()  # logged as an ERROR: mitmdump exits 1
+    else:
+        fw.gate.admin_targets = admin.admin_targets(fw.admin_listen, fw.admin.port)
+
+
+def gauges(fw: Firewall) -> dict[str, Any]:
+    """What the metrics' gauges read at scrape time."""
+    delivered, failed = fw.alerter.counts() if fw.alerter is not None else (0, 0)
+    writer = fw.audit
+    return {
+        "parked": fw.lot.counts(),
+        "usage": fw.gate.usage(time.time()) if "gate" in fw.__dict__ else {},
+        "alerts_delivered": delivered,
+        "alerts_failed": failed,
+        "audit_failures": writer.failures if writer is not None else 0,
+        "audit_dropped": writer.dropped if writer is not None else 0,
+    }

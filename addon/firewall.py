@@ -24,9 +24,8 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http, tcp
 from mitmproxy.connection import Client
 
-from . import admin, agentapi
+from . import admin, admin_ops, agentapi
 from . import audit as audit_mod
-from .admin_ops import Operations
 from .alerts import Alerter
 from .answers import refusal
 from .connections import Connections, active, decision_record, passes_through, take_headers
@@ -84,7 +83,9 @@ class Firewall:
         self.admin_listen: admin.Listen | None = admin.parse_listen(admin.DEFAULT_LISTEN)
         self.admin: admin.AdminServer | None = None
         self.alerter: Alerter | None = None
-        self.metrics = Metrics(lambda name: name in self.rules.agents, self._gauges)
+        self.metrics = Metrics(
+            lambda name: name in self.rules.agents, lambda: admin_ops.gauges(self)
+        )
         self._closing: set[str] = set()  # answered at shutdown, not yet disconnected
         # Set by configure (the state directory), with everything built on them.
         self.store: LocalStore
@@ -105,17 +106,7 @@ class Firewall:
     def load(self, loader: Any) -> None:
         loader.add_option("axme_rules", str, "rules", "axme-fw: the rules directory")
         loader.add_option("axme_state", str, "state", "axme-fw: the state directory")
-        loader.add_option(
-            "axme_admin_listen", str, admin.DEFAULT_LISTEN, "axme-fw: admin HOST:PORT, or off"
-        )
-        loader.add_option("axme_admin_cert", str, "", "axme-fw: admin TLS certificate (PEM)")
-        loader.add_option("axme_admin_key", str, "", "axme-fw: admin TLS key (PEM)")
-        loader.add_option(
-            "axme_admin_insecure", bool, False, "axme-fw: plain HTTP admin off loopback"
-        )
-        loader.add_option(
-            "axme_metrics_public", bool, False, "axme-fw: serve /metrics without a token"
-        )
+        admin.add_options(loader)
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -125,16 +116,8 @@ class Firewall:
         if "validate_inbound_headers" in updated and not o.validate_inbound_headers:
             # Request smuggling checks stay on: an egress firewall never trusts framing.
             o.update(validate_inbound_headers=True)
-        if updated & {"axme_admin_listen", "axme_admin_cert", "axme_admin_key"} or (
-            "axme_admin_insecure" in updated
-        ):
-            try:
-                self.admin_listen = admin.parse_listen(o.axme_admin_listen)
-                admin.check(
-                    self.admin_listen, o.axme_admin_cert, o.axme_admin_key, o.axme_admin_insecure
-                )
-            except admin.AdminConfigError as exc:
-                raise exceptions.OptionsError(f"axme-fw: {exc}") from None
+        if updated & admin.OPTIONS:
+            self.admin_listen = admin.listen_of(o)
         state = "axme_state" in updated or self.state_dir is None
         if state:
             self._open_state(Path(o.axme_state))
@@ -200,40 +183,11 @@ class Firewall:
         if self.loader is not None:
             self.watcher = RulesWatcher(self.loader.directory, self.loop, self.reload)
             self.watcher.start()
-        self._start_admin()
+        admin_ops.start(self)
         self._audit("proxy.started", rules=self.rules.digest, pid=os.getpid())
         self.publisher.enforced()
         self.publisher.touch()  # live.json from the start: status knows a proxy runs
         self.liveness.start(self.loop)
-
-    def _start_admin(self) -> None:
-        if self.admin_listen is None or self.state_dir is None:
-            return
-        o, loader = ctx.options, self.loader
-        assert loader is not None
-        ops = Operations(
-            lambda: self.rules,
-            lambda: loader.directory,
-            self.state_dir,
-            self.reload,
-            self._addresses,
-            self._audit,
-            self.metrics,
-            bool(o.axme_metrics_public),
-        )
-        self.admin = admin.serve(
-            self.admin_listen,
-            self.state_dir,
-            rules_loaded=lambda: self.loader is not None,
-            audit_failing=lambda: self.audit is not None and self.audit.failing,
-            cert=o.axme_admin_cert,
-            key=o.axme_admin_key,
-            backend=ops,
-        )
-        if self.admin is None:
-            ctx.master.shutdown()  # logged as an ERROR: mitmdump exits 1
-        else:
-            self.gate.admin_targets = admin.admin_targets(self.admin_listen, self.admin.port)
 
     def _addresses(self) -> tuple[list[str], str | None]:
         """The proxy's listen addresses and the admin listener's, as bound."""
@@ -293,18 +247,6 @@ class Firewall:
         if self.audit is not None:
             self.audit.write(event, **fields)
         self.metrics.event(event, fields)
-
-    def _gauges(self) -> dict[str, Any]:
-        delivered, failed = self.alerter.counts() if self.alerter is not None else (0, 0)
-        writer = self.audit
-        return {
-            "parked": self.lot.counts(),
-            "usage": self.gate.usage(time.time()) if "gate" in self.__dict__ else {},
-            "alerts_delivered": delivered,
-            "alerts_failed": failed,
-            "audit_failures": writer.failures if writer is not None else 0,
-            "audit_dropped": writer.dropped if writer is not None else 0,
-        }
 
     def _alert(self, event: str, **fields: Any) -> None:
         if self.alerter is not None:
