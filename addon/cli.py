@@ -87,6 +87,14 @@ def main(
 )
 @click.option("--metrics-public", is_flag=True, help="Serve /metrics without a token.")
 @click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    envvar="AXME_FW_LOG_FORMAT",
+    show_default=True,
+    help="json: one JSON object per line on stdout, for log collectors.",
+)
+@click.option(
     "--set", "sets", multiple=True, metavar="OPTION=VALUE", help="A mitmproxy option (repeatable)."
 )
 def run(
@@ -99,6 +107,7 @@ def run(
     admin_key: str | None,
     admin_insecure: bool,
     metrics_public: bool,
+    log_format: str,
     sets: tuple[str, ...],
 ) -> None:
     """Start the proxy with the firewall.
@@ -126,17 +135,21 @@ def run(
         f"axme_metrics_public={'true' if metrics_public else 'false'}",
         *sets,
     )
-    click.echo(
-        f"axme-fw: proxy on {listen_host}:{listen_port}, rules {rules_dir}, state {state_dir}"
-    )
+
+    def say(msg: str, level: str = "info") -> None:
+        if log_format == "json":
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            click.echo(json.dumps({"ts": ts, "level": level, "logger": "axme_fw.cli", "msg": msg}))
+        else:
+            warn = level == "warning"
+            click.echo(f"axme-fw: {'warning: ' if warn else ''}{msg}", err=warn)
+
+    say(f"proxy on {listen_host}:{listen_port}, rules {rules_dir}, state {state_dir}")
     if admin is not None and admin_cert is None and not is_loopback(admin.host):
-        click.echo(
-            f"axme-fw: warning: the admin API on {admin_listen} is plain HTTP (--admin-insecure)",
-            err=True,
-        )
-    click.echo(f"axme-fw: clients must trust {state_dir.resolve() / 'mitmproxy-ca-cert.pem'}")
+        say(f"the admin API on {admin_listen} is plain HTTP (--admin-insecure)", "warning")
+    say(f"clients must trust {state_dir.resolve() / 'mitmproxy-ca-cert.pem'}")
     sys.stdout.flush()
-    sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, sets))
+    sys.exit(serve(rules_dir, state_dir, listen_host, listen_port, sets, log_format))
 
 
 # ---------------------------------------------------------------- kill / pause / resume

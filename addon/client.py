@@ -8,10 +8,6 @@ flows to its own admin listener.
 from __future__ import annotations
 
 import json
-import ssl
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +33,11 @@ class Client:
     ) -> tuple[int, Any]:
         """(status, decoded JSON). Raises :class:`ClientError` for transport and auth
         failures (401, 403, 429) and for answers that are not JSON."""
+        import ssl  # here, not at import: every CLI command imports this module
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
         target = self.url.rstrip("/") + path
         if query:
             target += "?" + urllib.parse.urlencode(query)

@@ -7,9 +7,11 @@ would drop in-memory state (parked flows, counters).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,13 +21,42 @@ from mitmproxy.tools.dump import DumpMaster
 from .firewall import Firewall
 
 
-def serve(rules: Path, state: Path, host: str, port: int, sets: Sequence[str] = ()) -> int:
+class JsonLines(logging.Formatter):
+    """One JSON object per record (``--log-format json``), for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def serve(
+    rules: Path,
+    state: Path,
+    host: str,
+    port: int,
+    sets: Sequence[str] = (),
+    log_format: str = "console",
+) -> int:
     """Run the proxy; returns the exit code (1 when options or rules are refused)."""
 
     async def main() -> int:
-        logging.getLogger().setLevel(logging.INFO)
+        root = logging.getLogger()
+        root.setLevel(logging.INFO)
+        as_json = log_format == "json"
+        if as_json:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(JsonLines())
+            JsonLines.converter = time.gmtime
+            root.addHandler(handler)
         opts = options.Options()
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master = DumpMaster(opts, with_termlog=not as_json, with_dumper=False)
         master.addons.add(Firewall())
         try:
             opts.update(

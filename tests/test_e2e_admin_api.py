@@ -217,3 +217,19 @@ def test_tls_admin_api_with_a_private_ca(tmp_path: Path) -> None:
         assert res.returncode == 1 and "cannot reach the admin API" in res.stderr  # untrusted
     finally:
         p.stop()
+
+
+def test_log_format_json_writes_one_object_per_line(tmp_path: Path, up: Upstream) -> None:
+    import json
+
+    rules = make_rules(tmp_path / "rules", base=BASE, agents=agents_yaml({"x": ("t", ["any"])}))
+    p = start_proxy(rules, tmp_path / "state", None, "--log-format", "json")
+    try:
+        p.session("x", "t").get(up.url + "/j", timeout=10)
+        p.session("x", "wrong").get(up.url + "/j", timeout=10)
+    finally:
+        p.stop()
+    lines = [line for line in p.log.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    assert any("admin API on http://127.0.0.1:" in r["msg"] for r in records)
