@@ -184,7 +184,7 @@ def start(fw: Firewall) -> None:
     fw.admin = admin.serve(
         fw.admin_listen,
         fw.state_dir,
-        rules_loaded=lambda: fw.loader is not None,
+        rules_loaded=lambda: fw.loader is not None and fw.store.ready(),
         audit_failing=lambda: fw.audit is not None and fw.audit.failing,
         cert=o.axme_admin_cert,
         key=o.axme_admin_key,

@@ -26,6 +26,7 @@ from .cli_common import (
     need_dir,
     remote_client,
     rules_for_reading,
+    shared_redis,
     who,
 )
 from .cli_setup import agent, doctor, env, operator, rules
@@ -48,9 +49,20 @@ from .ruleset import is_pattern
     type=click.Path(exists=True, dir_okay=False),
     help="CA certificate for an https:// server signed by a private CA (or AXME_FW_CACERT).",
 )
+@click.option(
+    "--redis",
+    "redis_url",
+    envvar="AXME_FW_REDIS_URL",
+    metavar="URL",
+    help="kill/pause/resume/status on the Redis the replicas share (or AXME_FW_REDIS_URL).",
+)
 @click.pass_context
 def main(
-    ctx: click.Context, server: str | None, token_file: Path | None, cacert: str | None
+    ctx: click.Context,
+    server: str | None,
+    token_file: Path | None,
+    cacert: str | None,
+    redis_url: str | None,
 ) -> None:
     """Egress firewall and kill switch for AI agents.
 
@@ -63,6 +75,7 @@ def main(
       axme-fw --server https://fw.internal:8081 kill deployer   # from a laptop
     """
     ctx.obj = remote.client(server, token_file, cacert) if server else None
+    ctx.meta["axme_fw.redis"] = redis_url
 
 
 # ---------------------------------------------------------------- run
@@ -87,6 +100,14 @@ def main(
 )
 @click.option("--metrics-public", is_flag=True, help="Serve /metrics without a token.")
 @click.option(
+    "--redis",
+    "redis_url",
+    envvar="AXME_FW_REDIS_URL",
+    metavar="URL",
+    help="Share kills, limits and spend with other replicas (redis://HOST:PORT/DB, rediss://).",
+)
+@click.option("--replica-id", help="This replica's id [default: host name:listen port].")
+@click.option(
     "--log-format",
     type=click.Choice(["console", "json"]),
     default="console",
@@ -107,6 +128,8 @@ def run(
     admin_key: str | None,
     admin_insecure: bool,
     metrics_public: bool,
+    redis_url: str | None,
+    replica_id: str | None,
     log_format: str,
     sets: tuple[str, ...],
 ) -> None:
@@ -133,6 +156,8 @@ def run(
         f"axme_admin_key={admin_key or ''}",
         f"axme_admin_insecure={'true' if admin_insecure else 'false'}",
         f"axme_metrics_public={'true' if metrics_public else 'false'}",
+        f"axme_redis={redis_url or ''}",
+        f"axme_replica_id={replica_id or ''}",
         *sets,
     )
 
@@ -177,6 +202,11 @@ def _kill(
     c = remote_client()
     if c is not None:
         remote.change(c, agent, mode, reason)
+        return
+    if shared_redis() is not None:
+        from .cli_redis import change as shared_change
+
+        shared_change(shared_redis() or "", agent, mode, reason, who())
         return
     need_dir(rules_dir, "rules")
     need_dir(state_dir, "state")
@@ -255,6 +285,11 @@ def resume(agent: str, reason: str, no_wait: bool, rules_dir: Path, state_dir: P
     c = remote_client()
     if c is not None:
         remote.change(c, agent, None, reason)
+        return
+    if shared_redis() is not None:
+        from .cli_redis import change as shared_change
+
+        shared_change(shared_redis() or "", agent, None, reason, who())
         return
     need_dir(rules_dir, "rules")
     need_dir(state_dir, "state")

@@ -96,3 +96,10 @@ def remote_client() -> Client | None:
     ctx = click.get_current_context(silent=True)
     obj = ctx.find_root().obj if ctx is not None else None
     return obj if isinstance(obj, Client) else None
+
+
+def shared_redis() -> str | None:
+    """The Redis URL of ``axme-fw --redis URL`` (or AXME_FW_REDIS_URL), else None."""
+    ctx = click.get_current_context(silent=True)
+    url = ctx.find_root().meta.get("axme_fw.redis") if ctx is not None else None
+    return url if isinstance(url, str) and url else None

@@ -168,8 +168,8 @@ class KillEnforcer:
             kill = new.kill_for(agent)
             if kill is None or kill.mode != "block" or old.kill_for(agent) == kill:
                 continue
-            if agent == spare:
-                continue
+            if agent == spare or kill.by.startswith("policy:"):
+                continue  # a policy's kill spares what was admitted under the limit
             connections, flows = self._cut(agent, kill)
             self._audit(
                 "kill.enforced",

@@ -95,6 +95,7 @@ class Firewall:
         self.liveness: Liveness
         self.metering: Metering
         self.reloader: Reloader
+        self.file_rules: Ruleset = EMPTY
 
     @property
     def rules(self) -> Ruleset:
@@ -107,6 +108,8 @@ class Firewall:
         loader.add_option("axme_rules", str, "rules", "axme-fw: the rules directory")
         loader.add_option("axme_state", str, "state", "axme-fw: the state directory")
         admin.add_options(loader)
+        loader.add_option("axme_redis", str, "", "axme-fw: redis:// URL shared by replicas")
+        loader.add_option("axme_replica_id", str, "", "axme-fw: this replica's id")
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -118,7 +121,9 @@ class Firewall:
             o.update(validate_inbound_headers=True)
         if updated & admin.OPTIONS:
             self.admin_listen = admin.listen_of(o)
-        state = "axme_state" in updated or self.state_dir is None
+        state = (
+            bool(updated & {"axme_state", "axme_redis", "axme_replica_id"}) or not self.state_dir
+        )
         if state:
             self._open_state(Path(o.axme_state))
         if "axme_rules" in updated or self.loader is None:
@@ -155,7 +160,7 @@ class Firewall:
         if self.audit is not None:
             self.audit.close()
         self.audit = audit_mod.AuditWriter(state_dir)
-        self.store = LocalStore(state_dir, Path(ctx.options.axme_rules), self._audit)
+        self.store = self._make_store(state_dir, Path(ctx.options.axme_rules))
         self.store.on_change = self._touch
         old = getattr(self, "gate", None)
         self.gate = Gate(self.store)
@@ -175,6 +180,36 @@ class Firewall:
         self.metering = Metering(self.gate, self._effects)
         if self.alerter is None:
             self.alerter = Alerter(lambda event, fields: self._audit(event, **fields))
+
+    def _make_store(self, state_dir: Path, rules_dir: Path) -> LocalStore:
+        url = ctx.options.axme_redis
+        if not url:
+            return LocalStore(state_dir, rules_dir, self._audit)
+        from .redis_store import RedisStore, default_replica_id
+
+        replica = ctx.options.axme_replica_id or default_replica_id(ctx.options.listen_port)
+        store = RedisStore(
+            url,
+            replica,
+            state_dir,
+            rules_dir,
+            self._audit,
+            lambda: self.rules.defaults.store_on_unavailable,
+        )
+
+        def synced() -> None:
+            self._install(self.file_rules)
+            self._audit("kills.synced", revision=store.revision, kills=len(store.redis_kills))
+            self.publisher.enforced()  # the acknowledgement every replica gives
+
+        store.on_kills = synced
+
+        def said(event: str, fields: dict[str, Any]) -> None:
+            self._audit(event, replica=replica, **fields)
+            self._alert(event, agent="-", reason=fields.get("error", "reachable again"))
+
+        store.on_store_event = said
+        return store
 
     def running(self) -> None:
         self.loop = self.lot.loop = asyncio.get_running_loop()
@@ -226,6 +261,7 @@ class Firewall:
 
     def _install(self, rules: Ruleset, initial: bool = False, spare: str | None = None) -> None:
         """Swap in ``rules`` (with the store's kills); apply a kill-list change."""
+        self.file_rules = rules  # what the files say; the store's kills go on top
         rules = self.kills.merged(rules)
         old = self.gate.rules
         self.gate.install(rules)
@@ -241,7 +277,7 @@ class Firewall:
     def _auto_kill(self, ak: AutoKill) -> None:
         """Enforced at once (what was admitted under the limit goes on)."""
         self.kills.auto_kill(ak)
-        self._install(self.rules, spare=ak.agent)
+        self._install(self.file_rules, spare=ak.agent)
 
     def _audit(self, event: str, **fields: Any) -> None:
         if self.audit is not None:

@@ -46,9 +46,11 @@ from .limits import (
 from .meter import Call, Meter, Refused, cost_detail, usage_rows
 from .policy import ANONYMOUS, Decision, Facts, Verdict, decide, identify
 from .ruleset import EMPTY, Agent, Ruleset
-from .store import Store
+from .store import Store, StoreUnavailable
 
 CONTROL_HOST = "axme-fw.local"  # answered by the proxy itself, never forwarded
+STORE_UNAVAILABLE = "store_unavailable"
+NO_FACTS = Facts(None, None, "", 0, "", "")  # outcomes of the request hook (facts are past)
 
 
 class Do(StrEnum):
@@ -94,7 +96,7 @@ class Outcome:
 def _status(d: Decision) -> int:
     if d.verdict is Verdict.AUTH:
         return 407
-    return 431 if d.reason == canonical.HEADERS_TOO_LARGE else 403
+    return {canonical.HEADERS_TOO_LARGE: 431, STORE_UNAVAILABLE: 503}.get(d.reason, 403)
 
 
 class Gate:
@@ -152,6 +154,9 @@ class Gate:
     def _admission(self, req: Request) -> Outcome:
         """Steps 1-5: a forward, park, refusal or control outcome."""
         facts, bad, target = self.facts(req)
+        if bad is None and not self.store.ready():  # never loaded the kill list: serve nothing
+            why = "the kill list has not been read from the shared store yet"
+            bad = self._named(facts, STORE_UNAVAILABLE, why)
         if bad is not None:
             return self._refused(facts, bad)
         if facts.host == CONTROL_HOST:  # identity only (not a decision record)
@@ -266,7 +271,11 @@ class Gate:
             specs += entry.actions.get(action, ())
         if not specs:
             return True
-        ex = self.store.admit(d.agent, specs, now)
+        try:
+            ex = self.store.admit(d.agent, specs, now)
+        except StoreUnavailable as exc:
+            self._unavailable(out, d.agent, str(exc))
+            return False
         if ex is None:
             return True
         detail = limit_detail(ex)
@@ -282,6 +291,12 @@ class Gate:
         self._record(out, denied)
         self._exceeded(out, d.agent, ex, detail)
         return False
+
+    def _unavailable(self, out: Outcome, agent: str, why: str) -> None:
+        """A shared limit or ceiling cannot be checked: fail closed (503)."""
+        d = Decision(Verdict.DENY, STORE_UNAVAILABLE, agent, f"shared store unreachable: {why}")
+        out.do, out.decision, out.status, out.llm = Do.REFUSE, d, 503, None
+        self._record(out, d)
 
     def _exceeded(self, out: Outcome, agent: str, ex: Exceeded, detail: str) -> None:
         """Refuse for a limit, then apply the limit's ``on_exceed``."""
@@ -310,11 +325,16 @@ class Gate:
         refused (or, in report mode, would be: then it forwards unmetered)."""
         entry = self.specs.get(agent)
         spec = entry.cost if entry is not None else None
-        got = self.meter.begin(agent, kind, path, body, spec, now)
+        try:
+            got = self.meter.begin(agent, kind, path, body, spec, now)
+        except StoreUnavailable as exc:
+            out = Outcome(Do.REFUSE, Decision(Verdict.DENY, "", agent), NO_FACTS, 503)
+            self._unavailable(out, agent, str(exc))
+            return out
         if not isinstance(got, Refused):
             return got
         d = Decision(Verdict.DENY, got.reason, agent, got.detail)
-        out = Outcome(Do.REFUSE, d, Facts(agent, None, "", 0, "", path), 403)
+        out = Outcome(Do.REFUSE, d, NO_FACTS, 403)
         fields = {"agent": agent, "reason": got.reason, "detail": got.detail}
         if self.rules.defaults.mode == "report":
             out.do = Do.FORWARD

@@ -53,7 +53,7 @@ _TOP = frozenset(
     {"version", "defaults", "alerts", "actions", "agents", "operators", "kills", "revision"}
 )
 _OPERATOR = frozenset({"role", "token_sha256"})
-_DEFAULTS = frozenset({"unknown_agents", "mode", "park", "audit", "heartbeat"})
+_DEFAULTS = frozenset({"unknown_agents", "mode", "park", "audit", "heartbeat", "store"})
 _ACTION = frozenset({"hosts", "methods", "paths"})
 _AGENT = frozenset({"token_sha256", "allow", "addresses", "limits", "heartbeat"})
 _LIMITS = frozenset({"requests", "cost_usd", "actions"})
@@ -142,6 +142,11 @@ def _parse_defaults(node: yaml.Node, errors: y.Errors, part: FilePart, shown: st
                 s = y.choice(av, f"{key}.{aname}", errors, ("all", "denied", "none"))
                 if s is not None:
                     put("audit_decisions", s, av, f"{key}.{aname}")
+        elif name == "store":
+            for sname, _sk, sv in y.mapping(v, key, errors, frozenset({"on_unavailable"})):
+                s = y.choice(sv, f"{key}.{sname}", errors, ("refuse", "local"))
+                if s is not None:
+                    put("store_on_unavailable", s, sv, f"{key}.{sname}")
         elif name == "heartbeat":
             for hname, _hk, hv in y.mapping(v, key, errors, frozenset({"stale_after"})):
                 if (d := y.duration(hv, f"{key}.{hname}", errors)) is not None:

@@ -143,6 +143,7 @@ class Defaults:
     park_max_per_agent: int = 1000
     audit_decisions: Literal["all", "denied", "none"] = "denied"
     stale_after: float = DEFAULT_STALE_AFTER
+    store_on_unavailable: Literal["refuse", "local"] = "refuse"
 
 
 ROLES = ("viewer", "operator")

@@ -49,6 +49,10 @@ FLUSH_INTERVAL = 1.0  # at most this much of limit counts is at risk in a crash
 Audit = Callable[..., None]
 
 
+class StoreUnavailable(Exception):
+    """The shared store could not be reached for a decision that needs it."""
+
+
 class Store(Counters, Protocol):
     """Shared state, as the gate and the control side use it. All calls are made on the
     proxy's event loop and never block it."""
@@ -74,6 +78,7 @@ class Store(Counters, Protocol):
     def publish_rules(self, rules: Ruleset) -> None: ...
     def publish_live(self, live: Mapping[str, Any]) -> None: ...
 
+    def ready(self) -> bool: ...  # the kill list is loaded: requests may be served
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def close(self) -> None: ...
 
@@ -116,6 +121,9 @@ class LocalStore:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+
+    def ready(self) -> bool:
+        return True  # the kill list is kill.yaml, read with the rules
 
     # ------------------------------------------------------------ limits and spend
 

@@ -184,6 +184,7 @@ def test_repeated_failures_from_one_address_are_braked_and_audited(
         assert codes == [401] * 5 + [429]
         r = w.api("GET", "/v1/status", token)  # even the right token waits now
         assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        wait_for(lambda: len(p.audit_events("admin.auth_failed")) >= 5, 10, "the audit")
         failed = p.audit_events("admin.auth_failed")
         assert len(failed) == 5 and failed[-1]["failures"] == 5
         assert "wrong-guess" not in p.log.read_text() + (p.state / "audit.jsonl").read_text()

@@ -1,0 +1,199 @@
+"""Replicas sharing one Redis, end to end: a real redis-server started here, three real
+`axme-fw run --redis` processes, real clients. Races across replicas, a kill acknowledged by
+every replica, and Redis going away and coming back."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.rig import (
+    AXME_FW,
+    Proxy,
+    Upstream,
+    agents_yaml,
+    free_port,
+    make_rules,
+    start_proxy,
+    wait_for,
+)
+
+DTOKEN, CTOKEN, FTOKEN = "deployer-tok-9a1", "coder-tok-77b", "free-tok-31c"
+BASE = """\
+version: 1
+actions:
+  any: {hosts: ["127.0.0.1"]}
+  deploy: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/v2/projects/*/services"]}
+"""
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.port, self.dir = free_port(), directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server (>= 7) is not installed: run scripts/test (it installs it)")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.dir)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=0.5)
+        wait_for(lambda: _pings(client), 10, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class Fleet:
+    redis: RedisServer
+    replicas: list[Proxy]
+    rules: Path
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [AXME_FW, "--redis", self.redis.url, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    tmp = tmp_path_factory.mktemp("fleet")
+    server = RedisServer(tmp)
+    server.start()
+    agents = agents_yaml(
+        {
+            "deployer": (DTOKEN, ["any", "deploy"]),
+            "coder": (CTOKEN, ["any"]),
+            "free": (FTOKEN, ["any"]),
+        },
+        deployer="limits:\n  actions:\n    deploy: {max: 3, per: 6h, on_exceed: kill}",
+        coder="limits:\n  requests: {max: 1000, per: 1m, on_exceed: throttle}",
+    )
+    rules = make_rules(tmp / "rules", base=BASE, agents=agents)
+    replicas = []
+    try:
+        for i in range(3):
+            state = tmp / f"state-{i}"
+            extra = ("--redis", server.url, "--replica-id", f"r{i}")
+            replicas.append(start_proxy(rules, state, None, *extra))
+        yield Fleet(server, replicas, rules)
+    finally:
+        for p in replicas:
+            p.stop()
+        server.stop()
+
+
+def test_40_simultaneous_deploys_over_3_replicas_let_exactly_3_through(
+    fleet: Fleet, up: Upstream
+) -> None:
+    def deploy(i: int) -> int:
+        s = fleet.replicas[i % 3].session("deployer", DTOKEN)
+        return s.post(f"{up.url}/v2/projects/p{i}/services", timeout=20).status_code
+
+    with ThreadPoolExecutor(40) as pool:
+        codes = list(pool.map(deploy, range(40)))
+    assert codes.count(200) == 3, codes
+    assert len(up.paths("/v2/projects/")) == 3  # what reached the API, across replicas
+
+    # The 4th deploy killed the agent: every replica enforces it (the kill is shared).
+    def refused(p: Proxy) -> bool:
+        return p.session("deployer", DTOKEN).get(f"{up.url}/x", timeout=10).status_code == 403
+
+    for p in fleet.replicas:
+        wait_for(functools.partial(refused, p), 10, "the auto-kill on every replica")
+    res = fleet.cli("resume", "deployer")
+    assert res.returncode == 0, res.stderr
+    assert "enforced by 3/3 replicas" in res.stdout
+
+
+def test_a_kill_in_redis_is_acknowledged_by_every_replica(fleet: Fleet, up: Upstream) -> None:
+    res = fleet.cli("kill", "coder", "--reason", "runaway")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("killed coder: enforced by 3/3 replicas in ")
+    for p in fleet.replicas:  # acknowledged means enforced: no waiting here
+        r = p.session("coder", CTOKEN).get(f"{up.url}/c", timeout=10)
+        assert r.status_code == 403 and r.json()["error"] == "agent_killed"
+        assert r.json()["reason"] == "runaway"
+    res = fleet.cli("resume", "coder")
+    assert res.returncode == 0 and "enforced by 3/3 replicas" in res.stdout, res.stderr
+    for p in fleet.replicas:
+        assert p.session("coder", CTOKEN).get(f"{up.url}/c", timeout=10).status_code == 200
+
+
+def test_a_replica_that_stops_is_named_and_the_kill_fails(fleet: Fleet, tmp_path: Path) -> None:
+    extra = ("--redis", fleet.redis.url, "--replica-id", "late")
+    late = start_proxy(fleet.rules, tmp_path / "state", None, *extra)
+    r = redis.Redis(port=fleet.redis.port)
+    wait_for(lambda: r.hget("axfw:acks", "late") is not None, 10, "the late replica's ack")
+    wait_for(lambda: r.exists("axfw:replica:late"), 10, "the late replica's heartbeat")
+    late.proc.send_signal(19)  # SIGSTOP: alive (heartbeat key still fresh), not answering
+    try:
+        res = fleet.cli("kill", "free")
+        assert res.returncode == 1
+        assert "enforced by 3/4 replicas" in res.stderr and "late" in res.stderr
+    finally:
+        late.proc.send_signal(18)  # SIGCONT
+        late.stop()
+        fleet.cli("resume", "free")
+
+
+def test_redis_down_fails_closed_for_shared_limits_keeps_kills_then_recovers(
+    fleet: Fleet, up: Upstream
+) -> None:
+    assert fleet.cli("kill", "deployer").returncode == 0
+    fleet.redis.stop()
+    try:
+        p = fleet.replicas[0]
+        r = p.session("coder", CTOKEN).get(f"{up.url}/down", timeout=10)  # has a shared limit
+        assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
+        assert p.session("free", FTOKEN).get(f"{up.url}/down", timeout=10).status_code == 200
+        r = p.session("deployer", DTOKEN).get(f"{up.url}/down", timeout=10)
+        assert r.status_code == 403 and r.json()["error"] == "agent_killed"  # never forgotten
+        wait_for(lambda: p.audit_events("store.down"), 10, "store.down audited")
+    finally:
+        fleet.redis.start()
+    p = fleet.replicas[0]
+    wait_for(lambda: p.audit_events("store.up"), 10, "store.up audited")
+    # Redis came back empty (no persistence here): the replicas put the kill list back.
+    r = p.session("deployer", DTOKEN).get(f"{up.url}/after", timeout=10)
+    assert r.status_code == 403 and r.json()["error"] == "agent_killed"
+    wait_for(lambda: fleet.cli("resume", "deployer").returncode == 0, 10, "resume after restore")
+    wait_for(
+        lambda: p.session("deployer", DTOKEN).get(f"{up.url}/r", timeout=10).status_code == 200,
+        10,
+        "the resume on a replica",
+    )
+    assert len(p.audit_events("store.down")) == 1  # once per outage, not per request
+    wait_for(
+        lambda: p.session("coder", CTOKEN).get(f"{up.url}/up", timeout=10).status_code == 200,
+        10,
+        "shared limits again",
+    )
