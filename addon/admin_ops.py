@@ -10,9 +10,11 @@ took, or 202 when that is not confirmed within :data:`CONFIRM_WITHIN` seconds.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,9 +40,11 @@ class Operations:
     audit: Callable[..., None]
     metrics_registry: Metrics
     metrics_public: bool = False
+    extra_operators: Mapping[str, Operator] = field(default_factory=dict)
 
     def operators(self) -> Mapping[str, Operator]:
-        return self.rules().operators
+        ops = self.rules().operators
+        return {**self.extra_operators, **ops} if self.extra_operators else ops
 
     def kills(self) -> dict[str, Any]:
         rules = self.rules()
@@ -180,6 +184,7 @@ def start(fw: Firewall) -> None:
         fw._audit,
         fw.metrics,
         bool(o.axme_metrics_public),
+        env_operator(os.environ),
     )
     fw.admin = admin.serve(
         fw.admin_listen,
@@ -208,3 +213,13 @@ def gauges(fw: Firewall) -> dict[str, Any]:
         "audit_failures": writer.failures if writer is not None else 0,
         "audit_dropped": writer.dropped if writer is not None else 0,
     }
+
+
+def env_operator(env: Mapping[str, str]) -> dict[str, Operator]:
+    """``AXME_FW_ADMIN_TOKEN`` in the proxy's environment (a container Secret) defines the
+    operator ``admin``; only its hash is kept. Rules may define ``admin`` instead."""
+    token = env.get("AXME_FW_ADMIN_TOKEN", "").strip()
+    if not token:
+        return {}
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    return {"admin": Operator("admin", "operator", digest, "env AXME_FW_ADMIN_TOKEN")}

@@ -335,6 +335,11 @@ def status(as_json: bool, watch: bool, rules_dir: Path, state_dir: Path) -> None
     if c is not None:
         remote.status(c, as_json, watch)
         return
+    if shared_redis() is not None:
+        from .cli_redis import status as shared_status
+
+        shared_status(shared_redis() or "", as_json)
+        return
     need_dir(state_dir, "state")
     rules, warning = rules_for_reading(rules_dir, state_dir)
     if as_json:

@@ -44,3 +44,45 @@ def change(url: str, agent: str, mode: str | None, reason: str, by: str) -> None
             f"within {WAIT:g} s by {', '.join(behind)}"
         )
     click.echo(f"{verb} {agent}: enforced by {done}/{len(live)} replicas in {ms:.0f} ms")
+
+
+def status(url: str, as_json: bool) -> None:
+    """Every live replica: id, address, kill-list revision enforced, last heartbeat, in sync."""
+    import json
+
+    import redis
+
+    from .redis_store import connect, read_kills, redact, replicas
+
+    r = connect(url, timeout=2.0)
+    try:
+        revision, kills = read_kills(r)
+        live = replicas(r)
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis at {redact(url)}: {exc}")
+    now = time.time()
+    rows = [
+        {
+            "replica": rid,
+            "listen": rep.get("listen") or [],
+            "revision": rep["acked"],
+            "last_heartbeat_s": round(now - float(str(rep.get("at", now))), 1),
+            "in_sync": rep["acked"] >= revision,
+        }
+        for rid, rep in sorted(live.items())
+    ]
+    names = [k.agent for k in kills]
+    data = {"revision": revision, "kills": names, "replicas": rows}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"kill list revision {revision}: {', '.join(names) or 'no kills'}")
+    for row in rows:
+        sync = "in sync" if row["in_sync"] else "BEHIND"
+        where = ", ".join(row["listen"]) or "-"
+        click.echo(
+            f"  {row['replica']:<20} {where:<22} revision {row['revision']:<5} "
+            f"heartbeat {row['last_heartbeat_s']}s ago  {sync}"
+        )
+    if not rows:
+        click.echo("  no replica is running")

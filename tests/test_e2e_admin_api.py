@@ -92,6 +92,7 @@ def test_kill_from_a_laptop_cuts_the_agent_and_resume_lets_it_back(
     r = agent.get(up.url + "/after", timeout=10)
     assert r.status_code == 403 and r.json()["error"] == "agent_killed"
     assert r.json()["by"] == "api:alice" and r.json()["reason"] == "runaway deploys"
+    wait_for(lambda: world.proxy.audit_events("agent.killed"), 10, "the audit")
     killed = world.proxy.audit_events("agent.killed")[-1]
     assert (killed["by"], killed["address"]) == ("api:alice", "127.0.0.1")
     listed = world.api("GET", "/v1/kills", world.viewer).json()
@@ -99,6 +100,7 @@ def test_kill_from_a_laptop_cuts_the_agent_and_resume_lets_it_back(
     res = world.remote("resume", "deployer", "--reason", "fixed")
     assert res.returncode == 0 and res.stdout.startswith("resumed deployer: enforced"), res.stderr
     assert agent.get(up.url + "/again", timeout=10).status_code == 200
+    wait_for(lambda: world.proxy.audit_events("agent.resumed"), 10, "the audit")
     assert world.proxy.audit_events("agent.resumed")[-1]["by"] == "api:alice"
 
 
@@ -234,3 +236,21 @@ def test_log_format_json_writes_one_object_per_line(tmp_path: Path, up: Upstream
     records = [json.loads(line) for line in lines]  # every line is JSON
     assert {"ts", "level", "logger", "msg"} <= set(records[0])
     assert any("admin API on http://127.0.0.1:" in r["msg"] for r in records)
+
+
+def test_a_container_secret_in_the_environment_is_the_admin_operator(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AXME_FW_ADMIN_TOKEN", "from-a-k8s-secret-0d3")
+    rules = make_rules(tmp_path / "rules", base=BASE, agents=agents_yaml({"x": ("t", ["any"])}))
+    p = start_proxy(rules, tmp_path / "state")
+    monkeypatch.delenv("AXME_FW_ADMIN_TOKEN")
+    try:
+        w = World(p, "from-a-k8s-secret-0d3", "")
+        r = w.api("POST", "/v1/kills", w.op, json={"agent": "x"})
+        assert r.status_code == 200
+        wait_for(lambda: p.audit_events("agent.killed"), 10, "the audit")
+        assert p.audit_events("agent.killed")[-1]["by"] == "api:admin"
+    finally:
+        p.stop()
+    assert "from-a-k8s-secret-0d3" not in p.log.read_text()

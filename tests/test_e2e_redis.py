@@ -5,7 +5,6 @@ every replica, and Redis going away and coming back."""
 from __future__ import annotations
 
 import functools
-import shutil
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,12 +14,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.redis_rig import RedisServer
 from tests.rig import (
     AXME_FW,
     Proxy,
     Upstream,
     agents_yaml,
-    free_port,
     make_rules,
     start_proxy,
     wait_for,
@@ -33,39 +32,6 @@ actions:
   any: {hosts: ["127.0.0.1"]}
   deploy: {hosts: ["127.0.0.1"], methods: [POST], paths: ["/v2/projects/*/services"]}
 """
-
-
-class RedisServer:
-    def __init__(self, directory: Path) -> None:
-        self.port, self.dir = free_port(), directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server (>= 7) is not installed: run scripts/test (it installs it)")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.dir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
-        wait_for(lambda: _pings(client), 10, "redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
 
 
 @dataclass
@@ -146,6 +112,13 @@ def test_a_kill_in_redis_is_acknowledged_by_every_replica(fleet: Fleet, up: Upst
     assert res.returncode == 0 and "enforced by 3/3 replicas" in res.stdout, res.stderr
     for p in fleet.replicas:
         assert p.session("coder", CTOKEN).get(f"{up.url}/c", timeout=10).status_code == 200
+    res = fleet.cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    import json
+
+    data = json.loads(res.stdout)
+    assert [r["replica"] for r in data["replicas"]] == ["r0", "r1", "r2"]
+    assert all(r["in_sync"] and r["listen"] for r in data["replicas"])
 
 
 def test_a_replica_that_stops_is_named_and_the_kill_fails(fleet: Fleet, tmp_path: Path) -> None:
