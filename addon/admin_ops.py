@@ -22,7 +22,7 @@ from . import audit as audit_mod
 from . import killswitch, snapshot
 from .metrics import Metrics
 from .rules import KILL_FILE
-from .ruleset import Operator, Ruleset, is_pattern
+from .ruleset import Kill, Operator, Ruleset, is_pattern
 
 if TYPE_CHECKING:
     from .firewall import Firewall
@@ -41,6 +41,7 @@ class Operations:
     metrics_registry: Metrics
     metrics_public: bool = False
     extra_operators: Mapping[str, Operator] = field(default_factory=dict)
+    redis_url: str | None = None  # replicas share the kill list: write it there
 
     def operators(self) -> Mapping[str, Operator]:
         ops = self.rules().operators
@@ -53,6 +54,9 @@ class Operations:
     async def kill(
         self, agent: str, mode: str, reason: str, by: str, address: str
     ) -> tuple[int, dict[str, Any]]:
+        if self.redis_url is not None:
+            kill = Kill(agent, mode, reason, by, audit_mod.now_iso())  # type: ignore[arg-type]
+            return await self._shared(agent, kill, reason, by, address)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -77,6 +81,8 @@ class Operations:
     async def resume(
         self, agent: str, reason: str, by: str, address: str
     ) -> tuple[int, dict[str, Any]]:
+        if self.redis_url is not None:
+            return await self._shared(agent, None, reason, by, address)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         try:
@@ -96,6 +102,52 @@ class Operations:
         if still:
             warnings.append(f"{agent} is still covered by kill {', '.join(still)}")
         return await self._confirmed(change.revision, started, "resumed", agent, None, warnings)
+
+    async def _shared(
+        self, agent: str, kill: Kill | None, reason: str, by: str, address: str
+    ) -> tuple[int, dict[str, Any]]:
+        """The kill list in Redis: returns once every live replica acknowledged (200), or
+        202 naming the replicas that did not within CONFIRM_WITHIN."""
+        import redis
+
+        from .redis_store import change_and_wait, connect
+
+        assert self.redis_url is not None
+
+        def write() -> tuple[int, list[str], list[str], float]:
+            assert self.redis_url is not None
+            return change_and_wait(connect(self.redis_url, 2.0), agent, kill, CONFIRM_WITHIN)
+
+        try:
+            revision, live, behind, ms = await asyncio.get_running_loop().run_in_executor(
+                None, write
+            )
+        except redis.RedisError as exc:
+            return 503, {"error": "store_unavailable", "detail": f"Redis: {exc}"}
+        verb = "resumed" if kill is None else ("paused" if kill.mode == "park" else "killed")
+        event = {"resumed": "agent.resumed", "paused": "agent.paused"}.get(verb, "agent.killed")
+        self.audit(
+            event, agent=agent, reason=reason, by=by, address=address, redis_revision=revision
+        )
+        body: dict[str, Any] = {
+            "agent": agent,
+            "mode": kill.mode if kill is not None else None,
+            "action": verb,
+            "revision": revision,
+            "warnings": [],
+            "replicas": live,
+        }
+        if behind or not live:
+            body["error"] = "not_confirmed"
+            body["detail"] = (
+                f"written to the shared kill list (revision {revision}); not acknowledged "
+                f"within {CONFIRM_WITHIN:g} s by {', '.join(behind) or 'any replica'}"
+            )
+            body["behind"] = behind
+            return 202, body
+        body["enforced_ms"] = round(ms, 2)
+        body["enforced_by"] = [f"{len(live)}/{len(live)} replicas"]
+        return 200, body
 
     async def _confirmed(
         self,
@@ -185,6 +237,7 @@ def start(fw: Firewall) -> None:
         fw.metrics,
         bool(o.axme_metrics_public),
         env_operator(os.environ),
+        o.axme_redis or None,
     )
     fw.admin = admin.serve(
         fw.admin_listen,

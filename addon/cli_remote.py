@@ -54,8 +54,12 @@ def change(c: Client, agent: str, mode: str | None, reason: str) -> None:
     verb = f"{out.get('action', 'changed')} {agent}"
     if status == 202:
         fail(f"{verb}: {out.get('detail')}")
-    where = ", ".join(out.get("enforced_by") or []) or c.url
     ms = float(out.get("enforced_ms", 0))
+    if out.get("replicas"):
+        n = len(out["replicas"])
+        click.echo(f"{verb}: enforced by {n}/{n} replicas in {ms:.0f} ms")
+        return
+    where = ", ".join(out.get("enforced_by") or []) or c.url
     click.echo(f"{verb}: enforced by the proxy on {where} {ms:.0f} ms after the write")
 
 

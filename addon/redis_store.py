@@ -225,6 +225,21 @@ return rev
 """
 
 
+def change_and_wait(
+    r: redis.Redis, agent: str, kill: Kill | None, wait: float
+) -> tuple[int, list[str], list[str], float]:
+    """Write a kill (or a resume: None) and wait up to ``wait`` s until every live replica
+    acknowledges it: (revision, live replicas, those behind, ms). Blocking."""
+    started = time.monotonic()
+    revision = write_kill(r, agent, kill)
+    while True:
+        live = replicas(r)
+        behind = sorted(rid for rid, rep in live.items() if rep["acked"] < revision)
+        if not behind or time.monotonic() - started >= wait:
+            return revision, sorted(live), behind, (time.monotonic() - started) * 1000
+        time.sleep(0.002)
+
+
 class RedisStore(LocalStore):
     """Limits, spend and the kill list in Redis; health and snapshots as LocalStore."""
 

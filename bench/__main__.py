@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import decision, kill, park, reload, sse, throughput, upstream, workers
+from . import decision, fleet, kill, park, reload, sse, throughput, upstream, workers
 from .common import FULL, QUICK, RESULTS_JSON, RESULTS_MD, ROOT
 from .report import fmt_row_values, machine_info, table_lines, write_json, write_markdown
 from .rig import Rig
@@ -29,6 +29,7 @@ SECTIONS: dict[str, Callable[[Rig], Awaitable[None]]] = {
     "park": park.run,
     "decision": decision.run,
     "reload": reload.run,
+    "fleet": fleet.run,
 }
 HELPERS: dict[str, Callable[[list[str]], int]] = {
     "_upstream": upstream.main,

@@ -235,7 +235,7 @@ class Rig:
         self.proxies[name] = proxy
         return proxy
 
-    async def firewall(self, name: str, agents: int) -> Proxy:
+    async def firewall(self, name: str, agents: int, extra: Sequence[str] = ()) -> Proxy:
         if name in self.proxies:
             return self.proxies[name]
         rules, state = self.workdir / f"{name}-rules", self.workdir / f"{name}-state"
@@ -259,6 +259,7 @@ class Rig:
                 f"{HOST}:0",
                 "--set",
                 f"ssl_verify_upstream_trusted_ca={self.upstream_ca}",
+                *extra,
             ],
             log=log,
         )

@@ -5,6 +5,7 @@ every replica, and Redis going away and coming back."""
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from tests.rig import (
 )
 
 DTOKEN, CTOKEN, FTOKEN = "deployer-tok-9a1", "coder-tok-77b", "free-tok-31c"
+ADMIN = "fleet-admin-token-2b7"
 BASE = """\
 version: 1
 actions:
@@ -65,11 +67,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     )
     rules = make_rules(tmp / "rules", base=BASE, agents=agents)
     replicas = []
+    os.environ["AXME_FW_ADMIN_TOKEN"] = ADMIN  # the replicas' admin operator (a Secret)
     try:
         for i in range(3):
             state = tmp / f"state-{i}"
             extra = ("--redis", server.url, "--replica-id", f"r{i}")
             replicas.append(start_proxy(rules, state, None, *extra))
+        del os.environ["AXME_FW_ADMIN_TOKEN"]
         yield Fleet(server, replicas, rules)
     finally:
         for p in replicas:
@@ -170,3 +174,23 @@ def test_redis_down_fails_closed_for_shared_limits_keeps_kills_then_recovers(
         10,
         "shared limits again",
     )
+
+
+def test_a_kill_through_one_replicas_admin_api_holds_on_every_replica(
+    fleet: Fleet, up: Upstream
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXME_FW_")}
+    env["AXME_FW_ADMIN_TOKEN"] = ADMIN
+    server = f"http://127.0.0.1:{fleet.replicas[1].admin_port}"
+    kill = [AXME_FW, "--server", server, "kill", "free", "--reason", "from the laptop"]
+    res = subprocess.run(kill, capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("killed free: enforced by 3/3 replicas in ")
+    for p in fleet.replicas:
+        r = p.session("free", FTOKEN).get(f"{up.url}/f", timeout=10)
+        assert r.status_code == 403 and r.json()["by"] == "api:admin"
+    resume = [AXME_FW, "--server", server, "resume", "free"]
+    res = subprocess.run(resume, capture_output=True, text=True, env=env, timeout=30)
+    assert res.returncode == 0 and "3/3 replicas" in res.stdout, res.stderr
+    for p in fleet.replicas:
+        assert p.session("free", FTOKEN).get(f"{up.url}/f", timeout=10).status_code == 200
