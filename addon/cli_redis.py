@@ -4,6 +4,7 @@ shares, then wait until every live replica acknowledges it (2 s at most)."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 
@@ -63,7 +64,8 @@ def status(url: str, as_json: bool) -> None:
         for rid, rep in sorted(live.items())
     ]
     names = [k.agent for k in kills]
-    data = {"revision": revision, "kills": names, "replicas": rows}
+    agents = _fleet_agents(r, now)
+    data = {"revision": revision, "kills": names, "replicas": rows, "agents": agents}
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -77,3 +79,33 @@ def status(url: str, as_json: bool) -> None:
         )
     if not rows:
         click.echo("  no replica is running")
+    for a in agents:
+        insts = ", ".join(a["instances"]) or "-"
+        click.echo(
+            f"  agent {a['agent']:<16} last seen {a['last_seen_s']}s ago, "
+            f"{a['requests']} requests, instances: {insts}"
+        )
+
+
+def _fleet_agents(r: Any, now: float) -> list[dict[str, Any]]:
+    """Each agent as the whole fleet saw it (the replicas' published health, merged)."""
+    import json
+
+    from .health import merge
+    from .redis_store import P
+
+    snaps = []
+    for key in r.scan_iter(P + "health:*", count=500):
+        raw = r.get(key)
+        if raw:
+            snaps.append(json.loads(raw))
+    fleet = merge(snaps)
+    return [
+        {
+            "agent": agent,
+            "last_seen_s": round(now - seen.last, 1),
+            "requests": seen.requests,
+            "instances": sorted(fleet.instances.get(agent, {})),
+        }
+        for agent, seen in sorted(fleet.agents.items())
+    ]

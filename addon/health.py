@@ -119,3 +119,24 @@ def _rows(data: object) -> list[tuple[str, Seen]]:
             ):
                 out.append((key, Seen(float(row[0]), row[1], bool(row[2]))))
     return out
+
+
+def merge(snapshots: list[Mapping[str, Any]]) -> Health:
+    """Replicas' health as one: last seen is the latest, requests add up, an agent is
+    stale only where every replica that saw it says so; instances are the union."""
+    out = Health()
+    for snap in snapshots:
+        part = Health.restore(snap)
+        for agent, seen in part.agents.items():
+            have = out.agents.get(agent)
+            if have is None:
+                out.agents[agent] = Seen(seen.last, seen.requests, seen.stale)
+            else:
+                have.last, have.requests = max(have.last, seen.last), have.requests + seen.requests
+                have.stale = have.stale and seen.stale
+        for agent, per in part.instances.items():
+            mine = out.instances.setdefault(agent, {})
+            for inst, seen in per.items():
+                if inst not in mine or mine[inst].last < seen.last:
+                    mine[inst] = seen
+    return out

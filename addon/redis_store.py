@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -48,6 +49,8 @@ from typing import Any
 
 import redis
 
+from .health import Health
+from .health import merge as merge_health
 from .limits import Exceeded, LimitSpec, Reservation
 from .ruleset import Kill, Ruleset
 from .store import Audit, LocalStore, StoreUnavailable
@@ -271,6 +274,7 @@ class RedisStore(LocalStore):
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="axme-fw-redis")
         self.listen: list[str] = []
         self._known_agents: set[str] = set()
+        self._fleet = Health()  # every replica's health, merged (the watcher refreshes it)
         self.on_store_event: Callable[[str, dict[str, Any]], None] = lambda e, f: audit(
             e, replica=replica, **f
         )
@@ -414,6 +418,49 @@ class RedisStore(LocalStore):
 
         self._io.submit(write)
 
+    # ------------------------------------------------------------ health, fleet-wide
+
+    def publish_live(self, live: Any) -> None:
+        """Also share this replica's health, so staleness and status see the fleet."""
+        super().publish_live(live)
+        health = json.dumps(live.get("health") or {})
+        key = P + "health:" + self.replica
+        self._io.submit(self._quiet, functools.partial(self.r.set, key, health, ex=30))
+
+    def sweep(self, now: float, stale_after: Callable[[str], float]) -> list[str]:
+        """Agents stale for the whole fleet, each reported by one replica only (the one
+        that sets ``axfw:stale:AGENT`` first)."""
+        out = []
+        for agent in super().sweep(now, stale_after):
+            seen = self._fleet.agents.get(agent)
+            if seen is not None and now - seen.last < stale_after(agent):
+                continue  # another replica sees it: not stale for the fleet
+            try:
+                if self.r.set(f"{P}stale:{agent}", self.replica, nx=True, ex=7 * 86400):
+                    out.append(agent)
+            except redis.RedisError:
+                out.append(agent)  # cannot agree: better one alert per replica than none
+        return out
+
+    def saw(self, agent: str, instance: str, now: float) -> bool:
+        """True (alert ``agent.recovered``) on one replica only: the one that clears the
+        fleet's stale mark."""
+        if not super().saw(agent, instance, now):
+            return False
+        try:
+            return bool(self.r.delete(f"{P}stale:{agent}"))
+        except redis.RedisError:
+            return True
+
+    def _read_fleet(self) -> None:
+        """In the watcher thread: every replica's published health, merged."""
+        snaps = []
+        for key in self.r.scan_iter(P + "health:*", count=500):
+            raw = self.r.get(key)
+            if raw:
+                snaps.append(json.loads(raw))
+        self._fleet = merge_health(snaps)
+
     def ack(self, enforced: Any) -> None:
         super().ack({**dict(enforced), "redis_revision": self.revision, "replica": self.replica})
         self.listen = list(enforced.get("listen") or [])
@@ -446,6 +493,7 @@ class RedisStore(LocalStore):
                     beat = {"listen": self.listen, "pid": os.getpid(), "at": time.time()}
                     self.r.set(P + "replica:" + self.replica, json.dumps(beat), ex=HEARTBEAT_TTL)
                     self._refresh()  # the backstop for a missed message
+                    self._read_fleet()
                 if sub.get_message(timeout=0.2) is not None:
                     self._refresh()
             except (redis.RedisError, OSError) as exc:

@@ -28,6 +28,7 @@ from tests.rig import (
 
 DTOKEN, CTOKEN, FTOKEN = "deployer-tok-9a1", "coder-tok-77b", "free-tok-31c"
 ADMIN = "fleet-admin-token-2b7"
+QTOKEN = "quiet-tok-5d0"
 BASE = """\
 version: 1
 actions:
@@ -61,7 +62,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             "deployer": (DTOKEN, ["any", "deploy"]),
             "coder": (CTOKEN, ["any"]),
             "free": (FTOKEN, ["any"]),
+            "quiet": (QTOKEN, ["any"]),
         },
+        quiet="heartbeat: {stale_after: 1s}",
         deployer="limits:\n  actions:\n    deploy: {max: 3, per: 6h, on_exceed: kill}",
         coder="limits:\n  requests: {max: 1000, per: 1m, on_exceed: throttle}",
     )
@@ -194,3 +197,34 @@ def test_a_kill_through_one_replicas_admin_api_holds_on_every_replica(
     assert res.returncode == 0 and "3/3 replicas" in res.stdout, res.stderr
     for p in fleet.replicas:
         assert p.session("free", FTOKEN).get(f"{up.url}/f", timeout=10).status_code == 200
+
+
+def test_health_is_fleet_wide_stale_alerts_once_and_status_merges_replicas(
+    fleet: Fleet, up: Upstream
+) -> None:
+    import json
+
+    for p in fleet.replicas:
+        assert p.session("quiet", QTOKEN).get(f"{up.url}/q", timeout=10).status_code == 200
+
+    def fleet_view() -> dict[str, object]:
+        data = json.loads(fleet.cli("status", "--json").stdout)
+        return next((a for a in data["agents"] if a["agent"] == "quiet"), {})
+
+    wait_for(lambda: fleet_view().get("requests") == 3, 10, "the merged health")
+    assert fleet_view()["instances"] == ["127.0.0.1"]
+
+    def stale_everywhere() -> bool:
+        for p in fleet.replicas:
+            live = json.loads((p.state / "live.json").read_text())
+            if not live["health"]["agents"]["quiet"][2]:
+                return False
+        return True
+
+    wait_for(stale_everywhere, 15, "every replica to see quiet go stale")
+    stale = [r for p in fleet.replicas for r in p.audit_events("agent.stale")]
+    assert [r["agent"] for r in stale] == ["quiet"]  # once for the fleet, not per replica
+    fleet.replicas[2].session("quiet", QTOKEN).get(f"{up.url}/q", timeout=10)
+    wait_for(lambda: any(p.audit_events("agent.recovered") for p in fleet.replicas), 10, "recovery")
+    recovered = [r for p in fleet.replicas for r in p.audit_events("agent.recovered")]
+    assert len(recovered) == 1
