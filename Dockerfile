@@ -4,7 +4,7 @@
 #   docker run -p 8080:8080 -p 127.0.0.1:8081:8081 -v $PWD/rules:/rules -v axme-state:/state axme-fw
 #
 # Agents point HTTP(S)_PROXY at :8080 and trust /state/mitmproxy-ca-cert.pem (share the
-# state volume read-only, or copy that file). The admin API (issue 13) is on :8081.
+# state volume read-only, or copy that file). The admin API is on :8081.
 FROM python:3.13-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -41,7 +41,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 
 # The proxy listens on every interface of the container; so does the admin API, so that
 # the health check above and `axme-fw --server` from the host reach it. --admin-insecure:
-# plain HTTP for the admin API (issue 13 wants TLS off loopback). Publish 8081 on the
+# plain HTTP for the admin API (use --admin-cert/--admin-key for TLS off loopback). Publish 8081 on the
 # host's loopback only (-p 127.0.0.1:8081:8081), or replace these two arguments with the
 # admin TLS options when you serve it further.
 ENTRYPOINT ["axme-fw", "run", "--listen-host", "0.0.0.0"]
