@@ -228,3 +228,70 @@ def test_health_is_fleet_wide_stale_alerts_once_and_status_merges_replicas(
     wait_for(lambda: any(p.audit_events("agent.recovered") for p in fleet.replicas), 10, "recovery")
     recovered = [r for p in fleet.replicas for r in p.audit_events("agent.recovered")]
     assert len(recovered) == 1
+
+
+def test_spend_ceiling_holds_across_replicas_with_concurrent_llm_calls(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    import httpx
+
+    from tests import fake_llm
+    from tests.rig import upstream_ca
+    from tests.test_e2e_cost import PRICES, PRICING
+
+    server = RedisServer(tmp_path)
+    server.start()
+    _ca, ctx, ca_pem = upstream_ca(tmp_path)
+    fake = fake_llm.start(ctx)
+    agents = agents_yaml(
+        {"burst": ("tok-b", ["any"])},
+        burst="limits:\n  cost_usd: {max: 0.1, per: 1d, on_exceed: throttle}",
+    )
+    rules = make_rules(tmp_path / "rules", base=BASE, agents=agents, pricing=PRICING)
+    extra = ("--redis", server.url)
+    replicas = [
+        start_proxy(rules, tmp_path / f"s{i}", ca_pem, *extra, "--replica-id", f"c{i}")
+        for i in range(2)
+    ]
+    body = {"model": "test-gpt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000}
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        p = replicas[i % 2]
+        with httpx.Client(proxy=p.url("burst", "tok-b"), verify=p.ssl_context(), timeout=30) as c:
+            r = c.post(f"{fake.url}/v1/chat/completions", json=body, headers={"x-test-id": f"c{i}"})
+        with lock:
+            codes.append(r.status_code)
+
+    fake.hold = 0.5  # every admitted call stays in flight while the others arrive
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        fake.hold = 0.0
+        admitted = codes.count(200)
+        assert admitted >= 1 and codes.count(429) == 20 - admitted
+
+        def settled() -> bool:
+            return sum(len(p.audit_events("llm.usage")) for p in replicas) == admitted
+
+        wait_for(settled, 10, "every call settled")
+        r = redis.Redis(port=server.port, decode_responses=True)
+        events: list[str] = r.zrange("axfw:w:burst:cost_usd", 0, -1)  # type: ignore[assignment]
+        spent = sum(float(m.rsplit(":", 1)[1]) for m in events)
+        # Bound, across replicas: spend + reservations < max + one estimate.
+        one_estimate = 2000 * PRICES["test-gpt"]["output"] / 1e6 + 0.001
+        assert spent < 0.1 + one_estimate
+        assert len([c for c in fake.calls if c["id"].startswith("c")]) == admitted
+        assert not r.hgetall("axfw:h:burst:cost_usd")  # no reservation left open
+    finally:
+        fake.hold = 0.0
+        for p in replicas:
+            p.stop()
+        fake.server.shutdown()
+        server.stop()
