@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import click
 
 from . import audit as audit_mod
 from . import cli_remote as remote
-from .cli_common import CONTEXT, STATE_OPT, fail, need_dir, remote_client
+from .cli_common import CONTEXT, fail, need_dir, remote_client
 
 
 def parse_since(value: str | None) -> str | None:
@@ -43,7 +43,16 @@ def timeline_line(rec: Mapping[str, Any]) -> str:
 @click.option("--since", help="Only records since a duration ago (1h, 30m) or an ISO time.")
 @click.option("--all", "show_all", is_flag=True, help="Include per-request records.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line (all records).")
-@STATE_OPT
+@click.option(
+    "--state",
+    "state_dirs",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    envvar="AXME_FW_STATE",
+    default=("state",),
+    show_default=True,
+    help="State directory (or AXME_FW_STATE); repeat it to merge replicas' logs by time.",
+)
 @click.pass_context
 def audit(
     ctx: click.Context,
@@ -51,11 +60,12 @@ def audit(
     since: str | None,
     show_all: bool,
     as_json: bool,
-    state_dir: Path,
+    state_dirs: tuple[Path, ...],
 ) -> None:
     """A timeline of kills, resumes, auto-kills, rule changes and alerts.
 
-    `audit verify` checks the log's hash chain.
+    Each replica keeps its own chain: give every replica's --state to see one timeline
+    (records from more than one carry "state"). `audit verify` checks each chain.
 
     Example: axme-fw audit --since 1h --agent deployer
     """
@@ -67,8 +77,7 @@ def audit(
     if c is not None:
         found = remote.records(c, agent, start, show_all or as_json)
     else:
-        need_dir(state_dir, "state")
-        found = audit_mod.select(state_dir / audit_mod.AUDIT_FILE, agent, start)
+        found = merged(state_dirs, agent, start)
     for rec in found:
         if as_json:
             click.echo(json.dumps(rec))
@@ -76,18 +85,36 @@ def audit(
             click.echo(timeline_line(rec))
 
 
+def merged(
+    state_dirs: Iterable[Path], agent: str | None, start: str | None
+) -> Iterator[Mapping[str, Any]]:
+    """The records of every state directory's log, merged by time (each log is in order)."""
+    import heapq
+
+    dirs = [need_dir(d, "state") for d in state_dirs]
+    if len(dirs) == 1:
+        yield from audit_mod.select(dirs[0] / audit_mod.AUDIT_FILE, agent, start)
+        return
+
+    def tagged(d: Path) -> Iterator[Mapping[str, Any]]:
+        for rec in audit_mod.select(d / audit_mod.AUDIT_FILE, agent, start):
+            yield {**rec, "state": str(d)}
+
+    yield from heapq.merge(*(tagged(d) for d in dirs), key=lambda r: str(r.get("ts", "")))
+
+
 @audit.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--state",
-    "state_dir",
+    "state_dirs",
     type=click.Path(path_type=Path),
-    default=None,
-    help="State directory (default: `audit --state`, AXME_FW_STATE, ./state).",
+    multiple=True,
+    help="State directory, repeatable (default: `audit --state`, AXME_FW_STATE, ./state).",
 )
 @click.pass_context
-def verify(ctx: click.Context, as_json: bool, state_dir: Path | None) -> None:
-    """Check the hash chain; exit 1 naming the first bad line.
+def verify(ctx: click.Context, as_json: bool, state_dirs: tuple[Path, ...]) -> None:
+    """Check the hash chain of each state directory given; exit 1 naming the first bad line.
 
     `axme-fw audit --state X verify` and `axme-fw audit verify --state X` are the same.
 
@@ -103,22 +130,25 @@ def verify(ctx: click.Context, as_json: bool, state_dir: Path | None) -> None:
     if c is not None:
         remote.verify(c, as_json)
         return
-    state = need_dir(state_dir if state_dir is not None else group.params["state_dir"], "state")
-    path = state / audit_mod.AUDIT_FILE
-    result = audit_mod.verify(path)
+    dirs = state_dirs or group.params["state_dirs"]
+    outs = []
+    for d in dirs:
+        path = need_dir(d, "state") / audit_mod.AUDIT_FILE
+        result = audit_mod.verify(path)
+        outs.append(
+            {"ok": result.ok, "records": result.lines, "problem": result.problem, "file": str(path)}
+        )
+    ok = all(o["ok"] for o in outs)
     if as_json:
-        out = {
-            "ok": result.ok,
-            "records": result.lines,
-            "problem": result.problem,
-            "file": str(path),
-        }
-        click.echo(json.dumps(out))
-        sys.exit(0 if result.ok else 1)
-    if not result.ok:
-        fail(result.problem)
-    note = f" ({result.problem})" if result.problem else ""
-    click.echo(f"audit log intact: {result.lines} records in {path}{note}")
+        click.echo(json.dumps(outs[0] if len(outs) == 1 else {"ok": ok, "chains": outs}))
+        sys.exit(0 if ok else 1)
+    bad = [o for o in outs if not o["ok"]]
+    for o in outs:
+        if o["ok"]:
+            note = f" ({o['problem']})" if o["problem"] else ""
+            click.echo(f"audit log intact: {o['records']} records in {o['file']}{note}")
+    if bad:
+        fail("; ".join(str(o["problem"]) for o in bad))
 
 
 # ---------------------------------------------------------------- rules, agents, env

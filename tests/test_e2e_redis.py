@@ -295,3 +295,26 @@ def test_spend_ceiling_holds_across_replicas_with_concurrent_llm_calls(
             p.stop()
         fake.server.shutdown()
         server.stop()
+
+
+def test_audit_merges_the_replicas_timelines_and_verifies_every_chain(fleet: Fleet) -> None:
+    import json
+
+    states = [a for p in fleet.replicas for a in ("--state", str(p.state))]
+    res = subprocess.run(
+        [AXME_FW, "audit", *states, "--json"], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert {r["state"] for r in records} == {str(p.state) for p in fleet.replicas}
+    stamps = [r["ts"] for r in records]
+    assert stamps == sorted(stamps)  # one timeline, by time
+    res = subprocess.run(
+        [AXME_FW, "audit", "verify", *states], capture_output=True, text=True, timeout=30
+    )
+    assert res.returncode == 0 and res.stdout.count("audit log intact:") == 3, res.stderr
+    res = subprocess.run(
+        [AXME_FW, "audit", "verify", *states, "--json"], capture_output=True, text=True, timeout=30
+    )
+    out = json.loads(res.stdout)
+    assert out["ok"] is True and len(out["chains"]) == 3
