@@ -281,7 +281,9 @@ class RedisStore(LocalStore):
         try:
             self.revision, self.redis_kills = read_kills(self.r)  # before traffic
         except redis.RedisError as exc:
-            log.error("axme-fw: Redis %s unreachable at start: %s", redact(url), exc)
+            # A warning: an ERROR at start-up makes mitmproxy exit, and a replica must
+            # wait for Redis (not ready, serving nothing) rather than crash-loop.
+            log.warning("axme-fw: Redis %s unreachable at start: %s", redact(url), exc)
             self.down = True
 
     def ready(self) -> bool:

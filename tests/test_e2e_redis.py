@@ -318,3 +318,28 @@ def test_audit_merges_the_replicas_timelines_and_verifies_every_chain(fleet: Fle
     )
     out = json.loads(res.stdout)
     assert out["ok"] is True and len(out["chains"]) == 3
+
+
+def test_a_replica_that_never_read_the_kill_list_serves_nothing(
+    tmp_path: Path, up: Upstream
+) -> None:
+    import requests
+
+    server = RedisServer(tmp_path)  # not started yet
+    rules = make_rules(
+        tmp_path / "rules", base=BASE, agents=agents_yaml({"free": (FTOKEN, ["any"])})
+    )
+    p = start_proxy(rules, tmp_path / "state", None, "--redis", server.url)
+    try:
+        r = p.session("free", FTOKEN).get(f"{up.url}/n", timeout=10)
+        assert r.status_code == 503 and r.json()["error"] == "store_unavailable"
+        s = requests.Session()
+        s.trust_env = False
+        ready = f"http://127.0.0.1:{p.admin_port}/readyz"
+        assert s.get(ready, timeout=10).status_code == 503
+        server.start()
+        wait_for(lambda: s.get(ready, timeout=10).status_code == 200, 15, "ready with Redis")
+        assert p.session("free", FTOKEN).get(f"{up.url}/n", timeout=10).status_code == 200
+    finally:
+        p.stop()
+        server.stop()
