@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,8 @@ from .ruleset import Kill, Operator, Ruleset, is_pattern
 
 if TYPE_CHECKING:
     from .firewall import Firewall
+
+log = logging.getLogger(__name__)
 
 CONFIRM_WITHIN = 2.0
 
@@ -68,6 +71,9 @@ class Operations:
         except OSError as exc:
             return 500, {"error": "kill_list_unwritable", "detail": str(exc)}
         event = "agent.paused" if mode == "park" else "agent.killed"
+        log.info(
+            "axme-fw: %s %s by %s from %s (revision %d)", event, agent, by, address, change.revision
+        )
         self.audit(
             event, agent=agent, mode=mode, reason=reason, by=by, address=address,
             revision=change.revision,
@@ -91,6 +97,7 @@ class Operations:
             return 409, {"error": "kill_list_invalid", "detail": str(exc)}
         except OSError as exc:
             return 500, {"error": "kill_list_unwritable", "detail": str(exc)}
+        log.info("axme-fw: agent.resumed %s by %s from %s", agent, by, address)
         self.audit(
             "agent.resumed", agent=agent, reason=reason, by=by, address=address,
             revision=change.revision,
@@ -126,6 +133,9 @@ class Operations:
             return 503, {"error": "store_unavailable", "detail": f"Redis: {exc}"}
         verb = "resumed" if kill is None else ("paused" if kill.mode == "park" else "killed")
         event = {"resumed": "agent.resumed", "paused": "agent.paused"}.get(verb, "agent.killed")
+        log.info(
+            "axme-fw: %s %s by %s from %s (shared revision %d)", event, agent, by, address, revision
+        )
         self.audit(
             event, agent=agent, reason=reason, by=by, address=address, redis_revision=revision
         )

@@ -10,12 +10,11 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from . import audit as audit_mod
 from . import cli_remote as remote
-from . import killswitch
 from .cli_audit import audit
 from .cli_common import (
     CONTEXT,
@@ -30,8 +29,18 @@ from .cli_common import (
     who,
 )
 from .cli_setup import agent, doctor, env, operator, rules
-from .rules import Loader, RulesError
-from .ruleset import is_pattern
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from . import audit as audit_mod
+    from . import killswitch
+    from . import rules as rules_mod
+    from . import ruleset as ruleset_mod
+else:
+    audit_mod = lazy("axme_fw.audit")
+    killswitch = lazy("axme_fw.killswitch")
+    rules_mod = lazy("axme_fw.rules")
+    ruleset_mod = lazy("axme_fw.ruleset")
 
 
 @click.group(context_settings=CONTEXT)
@@ -225,15 +234,15 @@ def _kill(
     try:
         _wait(state_dir, change.revision, no_wait, verb, written)
     finally:
-        if not is_pattern(agent) and not _defined(rules_dir, agent):
+        if not ruleset_mod.is_pattern(agent) and not _defined(rules_dir, agent):
             click.echo(f"axme-fw: warning: no agent {agent!r} in the rules", err=True)
 
 
 def _defined(rules_dir: Path, agent: str) -> bool:
     """Whether ``agent`` is in the rules (True when they cannot be read: no false alarm)."""
     try:
-        return agent in Loader(rules_dir).load().agents
-    except RulesError:
+        return agent in rules_mod.Loader(rules_dir).load().agents
+    except rules_mod.RulesError:
         return True
 
 

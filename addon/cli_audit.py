@@ -6,13 +6,18 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import audit as audit_mod
 from . import cli_remote as remote
 from .cli_common import CONTEXT, fail, need_dir, remote_client
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from . import audit as audit_mod
+else:
+    audit_mod = lazy("axme_fw.audit")
 
 
 def parse_since(value: str | None) -> str | None:

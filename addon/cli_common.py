@@ -6,13 +6,19 @@ import getpass
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import click
 
 from .client import Client
-from .rules import Loader, RulesError
-from .ruleset import Ruleset
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    from . import rules as rules_mod
+    from .ruleset import Ruleset
+else:
+    rules_mod = lazy("axme_fw.rules")
+
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 RULES_OPT = click.option(
@@ -42,8 +48,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def load_rules(rules_dir: Path) -> Ruleset:
     try:
-        return Loader(rules_dir).load()
-    except RulesError as exc:
+        return rules_mod.Loader(rules_dir).load()
+    except rules_mod.RulesError as exc:
         first = exc.messages[0]
         more = (
             f" (and {len(exc.messages) - 1} more; run `axme-fw rules check`)"
@@ -72,8 +78,8 @@ def rules_for_reading(rules_dir: Path, state_dir: Path) -> tuple[Ruleset, str | 
     """
     need_dir(rules_dir, "rules")
     try:
-        return Loader(rules_dir).load(), None
-    except RulesError as exc:
+        return rules_mod.Loader(rules_dir).load(), None
+    except rules_mod.RulesError as exc:
         from .snapshot import enforced_rules
 
         enforced = enforced_rules(state_dir) if state_dir.is_dir() else None

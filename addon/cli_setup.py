@@ -7,14 +7,25 @@ import re
 import secrets
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import yaml
 
-from . import killswitch
 from .cli_common import CONTEXT, RULES_OPT, STATE_OPT, fail, load_rules, need_dir, rules_for_reading
-from .rules import GENERATED_AGENTS_FILE, GENERATED_OPERATORS_FILE, Loader, RulesError, atomic_write
-from .ruleset import Ruleset, token_digest
+from .lazy import lazy
+
+if TYPE_CHECKING:
+    import yaml
+
+    from . import killswitch
+    from . import rules as rules_mod
+    from . import ruleset as ruleset_mod
+    from .ruleset import Ruleset
+else:
+    yaml = lazy("yaml")
+    killswitch = lazy("axme_fw.killswitch")
+    rules_mod = lazy("axme_fw.rules")
+    ruleset_mod = lazy("axme_fw.ruleset")
 
 
 @click.group(context_settings=CONTEXT)
@@ -32,8 +43,8 @@ def check(directory: Path | None, rules_dir: Path) -> None:
     """
     target = need_dir(directory or rules_dir, "rules")
     try:
-        rs = Loader(target).load()
-    except RulesError as exc:
+        rs = rules_mod.Loader(target).load()
+    except rules_mod.RulesError as exc:
         for message in exc.messages:
             click.echo(message, err=True)
         sys.exit(1)
@@ -69,19 +80,20 @@ def add(name: str, allow: tuple[str, ...], print_only: bool, rules_dir: Path) ->
         if current is None or (a != "*" and a not in current.actions):
             fail(f"--allow {a}: no such action in {rules_dir}", 2)
     token = secrets.token_urlsafe(32)
-    entry = {"token_sha256": token_digest(token), "allow": list(allow)}
+    entry = {"token_sha256": ruleset_mod.token_digest(token), "allow": list(allow)}
     if print_only:
         click.echo(yaml.safe_dump({"agents": {name: entry}}, sort_keys=False), nl=False)
     else:
-        path = _generated(rules_dir, GENERATED_AGENTS_FILE, "agents", name, entry)
+        path = _generated(rules_dir, rules_mod.GENERATED_AGENTS_FILE, "agents", name, entry)
         click.echo(f"added agent {name} to {path}", err=True)
     click.echo(f"token (shown once, store it as a secret): {token}", err=True)
     if not print_only:
         click.echo(token)
 
 
-def _generated(rules_dir: Path, file: str, section: str, name: str, entry: object) -> Path:
-    """Add ``section.name: entry`` to the machine-written ``file`` under its lock."""
+def _generated(rules_dir: Path, file: str, section: str, name: str, entry: object | None) -> Path:
+    """Add (or replace) ``section.name: entry`` in the machine-written ``file`` under its
+    lock; ``entry`` None removes it."""
     from filelock import FileLock
 
     path = rules_dir / file
@@ -89,10 +101,13 @@ def _generated(rules_dir: Path, file: str, section: str, name: str, entry: objec
     with FileLock(str(rules_dir / f".{file}.lock")):
         data = yaml.safe_load(path.read_text()) if path.exists() else None
         entries = (data or {}).get(section) or {}
-        entries[name] = entry
+        if entry is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = entry
         command = "agent add" if section == "agents" else "operator add"
         header = f"# Written by `axme-fw {command}`; move entries to your own files to edit them.\n"
-        atomic_write(path, header + yaml.safe_dump({section: entries}, sort_keys=False))
+        rules_mod.atomic_write(path, header + yaml.safe_dump({section: entries}, sort_keys=False))
     return path
 
 
@@ -109,8 +124,9 @@ def operator() -> None:
     required=True,
     help="viewer: status, audit, metrics; operator: also kill, pause, resume.",
 )
+@click.option("--rotate", is_flag=True, help="Replace NAME's token (the old one stops working).")
 @RULES_OPT
-def operator_add(name: str, role: str, rules_dir: Path) -> None:
+def operator_add(name: str, role: str, rotate: bool, rules_dir: Path) -> None:
     """Create operator NAME: print its token once (stdout: the token alone); only its
     SHA-256 is kept, in rules/operators.generated.yaml (hot-reloaded).
 
@@ -120,13 +136,36 @@ def operator_add(name: str, role: str, rules_dir: Path) -> None:
         fail(f"operator name {name!r}: use letters, digits, '.', '_' and '-'", 2)
     need_dir(rules_dir, "rules")
     current = load_rules(rules_dir)
-    if name in current.operators:
-        fail(f"operator {name!r} already exists ({current.operators[name].where})")
+    known = current.operators.get(name)
+    generated = str(rules_dir / rules_mod.GENERATED_OPERATORS_FILE)
+    if known is not None and not rotate:
+        fail(f"operator {name!r} already exists ({known.where}); --rotate replaces its token")
+    if known is not None and not known.where.startswith(generated):
+        fail(f"operator {name!r} is hand-written at {known.where}: change its token there")
     token = secrets.token_urlsafe(32)
-    entry = {"role": role, "token_sha256": token_digest(token)}
-    path = _generated(rules_dir, GENERATED_OPERATORS_FILE, "operators", name, entry)
+    entry = {"role": role, "token_sha256": ruleset_mod.token_digest(token)}
+    path = _generated(rules_dir, rules_mod.GENERATED_OPERATORS_FILE, "operators", name, entry)
     click.echo(f"added operator {name} ({role}) to {path}; the token is shown once", err=True)
     click.echo(token)
+
+
+@operator.command("remove", context_settings=CONTEXT)
+@click.argument("name")
+@RULES_OPT
+def operator_remove(name: str, rules_dir: Path) -> None:
+    """Remove operator NAME from rules/operators.generated.yaml: its token stops working
+    as soon as the proxy reloads the rules.
+
+    Example: axme-fw operator remove alice
+    """
+    need_dir(rules_dir, "rules")
+    known = load_rules(rules_dir).operators.get(name)
+    if known is None:
+        fail(f"no operator {name!r} in {rules_dir}")
+    if not known.where.startswith(str(rules_dir / rules_mod.GENERATED_OPERATORS_FILE)):
+        fail(f"operator {name!r} is hand-written at {known.where}: remove it there")
+    path = _generated(rules_dir, rules_mod.GENERATED_OPERATORS_FILE, "operators", name, None)
+    click.echo(f"removed operator {name} from {path}")
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")

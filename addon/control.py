@@ -52,6 +52,22 @@ def load_pricing_file(rules_dir: Path) -> Pricing | PricingError | None:
         return PricingError(f"{path}:1: cannot read: {exc}")
 
 
+def changes(old: Ruleset, new: Ruleset) -> str:
+    """``agents +bot -old; actions +deploy; kills +deployer``: what a reload changed."""
+    parts = []
+    for what, a, b in (
+        ("agents", set(old.agents), set(new.agents)),
+        ("actions", set(old.actions), set(new.actions)),
+        ("operators", set(old.operators), set(new.operators)),
+        ("kills", {k.agent for k in old.kills}, {k.agent for k in new.kills}),
+    ):
+        diff = [f"+{x}" for x in sorted(b - a)] + [f"-{x}" for x in sorted(a - b)]
+        if diff:
+            shown = " ".join(diff[:10]) + (f" (+{len(diff) - 10} more)" if len(diff) > 10 else "")
+            parts.append(f"{what} {shown}")
+    return "; ".join(parts) or "no names changed (settings or tokens)"
+
+
 class Reloader:
     """Re-read the rules off the loop; swap on the loop; keep the old ones if invalid.
 
@@ -130,8 +146,12 @@ class Reloader:
     def swap(self, rules: Ruleset, started: float) -> None:
         if rules.digest == self.gate.rules.digest:
             return
+        old = self.gate.rules
         self._install(rules)
         ms = round((time.monotonic() - started) * 1000, 2)
+        log.info(
+            "axme-fw: rules reloaded (%s, %.0f ms): %s", rules.digest[:12], ms, changes(old, rules)
+        )
         self._audit("rules.reloaded", rules=rules.digest, revision=rules.kill_revision, ms=ms)
         self._published()
 

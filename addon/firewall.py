@@ -42,6 +42,14 @@ from .watch import RulesWatcher
 
 log = logging.getLogger(__name__)
 
+
+def for_proxy(fw: Firewall, url: str, state_dir: Path, rules_dir: Path) -> LocalStore:
+    """The store shared through Redis (imported only with ``--redis``)."""
+    from .redis_store import for_proxy as make
+
+    return make(fw, url, state_dir, rules_dir)
+
+
 META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
 
@@ -160,56 +168,25 @@ class Firewall:
         if self.audit is not None:
             self.audit.close()
         self.audit = audit_mod.AuditWriter(state_dir)
-        self.store = self._make_store(state_dir, Path(ctx.options.axme_rules))
+        url, rules_dir = ctx.options.axme_redis, Path(ctx.options.axme_rules)
+        self.store = (
+            for_proxy(self, url, state_dir, rules_dir)
+            if url
+            else LocalStore(state_dir, rules_dir, self._audit)
+        )
         self.store.on_change = self._touch
         old = getattr(self, "gate", None)
         self.gate = Gate(self.store)
         if old is not None:
             self.gate.install(old.rules)
             self.gate.pricing, self.gate.admin_targets = old.pricing, old.admin_targets
-        self.kills = KillEnforcer(
-            self.store,
-            self.conns.cut,
-            lambda: list(self.conns.live),
-            self.lot,
-            self._audit,
-            self._alert,
-        )
+        live, say = (lambda: list(self.conns.live)), (self._audit, self._alert)
+        self.kills = KillEnforcer(self.store, self.conns.cut, live, self.lot, *say)
         self.publisher = Publisher(self.store, self.gate, self._addresses, self.lot.counts)
         self.liveness = Liveness(self.store, self.gate, self._tick, self._audit, self._alert)
         self.metering = Metering(self.gate, self._effects)
         if self.alerter is None:
             self.alerter = Alerter(lambda event, fields: self._audit(event, **fields))
-
-    def _make_store(self, state_dir: Path, rules_dir: Path) -> LocalStore:
-        url = ctx.options.axme_redis
-        if not url:
-            return LocalStore(state_dir, rules_dir, self._audit)
-        from .redis_store import RedisStore, default_replica_id
-
-        replica = ctx.options.axme_replica_id or default_replica_id(ctx.options.listen_port)
-        store = RedisStore(
-            url,
-            replica,
-            state_dir,
-            rules_dir,
-            self._audit,
-            lambda: self.rules.defaults.store_on_unavailable,
-        )
-
-        def synced() -> None:
-            self._install(self.file_rules)
-            self._audit("kills.synced", revision=store.revision, kills=len(store.redis_kills))
-            self.publisher.enforced()  # the acknowledgement every replica gives
-
-        store.on_kills = synced
-
-        def said(event: str, fields: dict[str, Any]) -> None:
-            self._audit(event, replica=replica, **fields)
-            self._alert(event, agent="-", reason=fields.get("error", "reachable again"))
-
-        store.on_store_event = said
-        return store
 
     def running(self) -> None:
         self.loop = self.lot.loop = asyncio.get_running_loop()
@@ -237,6 +214,9 @@ class Firewall:
         return addrs, bound
 
     async def done(self) -> None:
+        log.info(
+            "axme-fw: shutting down (%d parked flows answered 503)", sum(self.lot.counts().values())
+        )
         if self.watcher is not None:
             self.watcher.stop()
         if self.admin is not None:

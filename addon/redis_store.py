@@ -45,7 +45,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
@@ -54,6 +54,9 @@ from .health import merge as merge_health
 from .limits import Exceeded, LimitSpec, Reservation
 from .ruleset import Kill, Ruleset
 from .store import Audit, LocalStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from .firewall import Firewall
 
 log = logging.getLogger(__name__)
 
@@ -559,3 +562,33 @@ class RedisStore(LocalStore):
         except redis.RedisError:
             pass
         super().close()
+
+
+def for_proxy(fw: Firewall, url: str, state_dir: Path, rules_dir: Path) -> RedisStore:
+    """The addon's store when ``--redis`` is given, wired to re-install the rules when the
+    shared kill list changes, and to audit and alert store outages."""
+    from mitmproxy import ctx
+
+    replica = ctx.options.axme_replica_id or default_replica_id(ctx.options.listen_port)
+    store = RedisStore(
+        url,
+        replica,
+        state_dir,
+        rules_dir,
+        fw._audit,
+        lambda: fw.rules.defaults.store_on_unavailable,
+    )
+
+    def synced() -> None:
+        fw._install(fw.file_rules)
+        fw._audit("kills.synced", revision=store.revision, kills=len(store.redis_kills))
+        fw.publisher.enforced()  # the acknowledgement every replica gives
+
+    store.on_kills = synced
+
+    def said(event: str, fields: dict[str, Any]) -> None:
+        fw._audit(event, replica=replica, **fields)
+        fw._alert(event, agent="-", reason=fields.get("error", "reachable again"))
+
+    store.on_store_event = said
+    return store

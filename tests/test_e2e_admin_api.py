@@ -254,3 +254,58 @@ def test_a_container_secret_in_the_environment_is_the_admin_operator(
     finally:
         p.stop()
     assert "from-a-k8s-secret-0d3" not in p.log.read_text()
+
+
+def test_token_lifecycle_rotate_and_remove(tmp_path: Path) -> None:
+    rules = make_rules(tmp_path / "rules", base=BASE, agents=agents_yaml({"x": ("t", ["any"])}))
+    old = operator_add(rules, "dana", "viewer")
+    p = start_proxy(rules, tmp_path / "state")
+    try:
+        w = World(p, old, old)
+        assert w.api("GET", "/v1/kills", old).status_code == 200
+        again = subprocess.run(
+            [AXME_FW, "operator", "add", "dana", "--role", "viewer", "--rules", str(rules)],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert again.returncode == 1 and "--rotate" in again.stderr
+        rotate = [AXME_FW, "operator", "add", "dana", "--role", "viewer", "--rotate"]
+        res = subprocess.run(
+            [*rotate, "--rules", str(rules)], capture_output=True, text=True, timeout=30
+        )
+        new = res.stdout.strip()
+        assert res.returncode == 0 and new != old
+        wait_for(lambda: w.api("GET", "/v1/kills", new).status_code == 200, 10, "the new token")
+        assert w.api("GET", "/v1/kills", old).status_code == 401  # the old one is gone
+        remove = [AXME_FW, "operator", "remove", "dana", "--rules", str(rules)]
+        res = subprocess.run(remove, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: p.audit_events("rules.reloaded")[-1:] != [], 10, "a reload")
+        wait_for(lambda: w.api("GET", "/v1/kills", new).status_code == 401, 10, "removed")
+    finally:
+        p.stop()
+
+
+def test_metrics_parse_and_move_with_traffic_and_curl_kills(world: World, up: Upstream) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def requests_total() -> float:
+        text = world.api("GET", "/metrics", world.viewer).text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(s.value for s in fams["axme_fw_requests"].samples if s.name.endswith("_total"))
+
+    before = requests_total()
+    world.proxy.session("deployer", DTOKEN).get(up.url + "/count", timeout=10)
+    assert requests_total() == before + 1
+    kill = [
+        "curl", "-s", "-X", "POST", "-H", f"Authorization: Bearer {world.op}",
+        "-d", '{"agent": "deployer", "reason": "curl"}', f"{world.server}/v1/kills",
+    ]  # fmt: skip
+    res = subprocess.run(
+        kill, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"}
+    )
+    import json
+
+    assert json.loads(res.stdout)["action"] == "killed"
+    r = world.proxy.session("deployer", DTOKEN).get(up.url + "/after-curl", timeout=10)
+    assert r.status_code == 403 and r.json()["reason"] == "curl"
+    assert world.api("DELETE", "/v1/kills/deployer", world.op).status_code == 200
