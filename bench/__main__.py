@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import signal
 import sys
@@ -36,6 +37,10 @@ HELPERS: dict[str, Callable[[list[str]], int]] = {
     "_load": workers.load_cli,
     "_killworker": workers.killworker_cli,
 }
+
+
+# Every firewall the bench starts has this admin operator (the kill section's API kills).
+os.environ.setdefault("AXME_FW_ADMIN_TOKEN", "bench-admin-token-" + os.urandom(8).hex())
 
 
 async def run(args: argparse.Namespace) -> int:

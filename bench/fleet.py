@@ -19,7 +19,7 @@ from .common import BIN, FULL, HOST, free_port, pct, wait_until
 from .report import Row
 from .rig import Rig
 
-TOKEN = "bench-admin-token-5e1c"
+TOKEN = os.environ.get("AXME_FW_ADMIN_TOKEN", "bench-admin-token-5e1c")
 ACKED = re.compile(r"enforced by (\d+)/(\d+) replicas in (\d+) ms")
 
 
@@ -43,14 +43,10 @@ async def run(rig: Rig) -> None:
 
     await wait_until(pings, 10, "redis-server", step=0.02)
     url = f"redis://{HOST}:{port}/0"
-    os.environ["AXME_FW_ADMIN_TOKEN"] = TOKEN  # the replicas' admin operator
-    try:
-        replicas = [
-            await rig.firewall(f"fleet{i}", 10, ["--redis", url, "--replica-id", f"r{i}"])
-            for i in range(3)
-        ]
-    finally:
-        del os.environ["AXME_FW_ADMIN_TOKEN"]
+    replicas = [  # their admin operator: AXME_FW_ADMIN_TOKEN (set by the bench)
+        await rig.firewall(f"fleet{i}", 10, ["--redis", url, "--replica-id", f"r{i}"])
+        for i in range(3)
+    ]
     await wait_until(lambda: len(list(client.scan_iter("axfw:replica:*"))) == 3, 10, "heartbeats")
     trials = 30 if rig.sizes is FULL else 10
     cli_ms: list[float] = []

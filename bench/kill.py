@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import re
 import statistics
@@ -91,7 +92,8 @@ async def run(rig: Rig) -> None:
             followers.append(asyncio.ensure_future(follow(w)))
         await wait_all(lambda w: w.status == 200, 20, "workers to get through")
         results: dict[str, dict[str, list[float]]] = {}
-        for method in ("cli", "rename"):
+        admin = "http://" + json.loads((fw.state / "enforced.json").read_text())["admin"]  # type: ignore[operator]
+        for method in ("cli", "rename", "api", "server"):
             res: dict[str, list[float]] = {"all_ms": [], "first_ms": [], "cli_ack_ms": []}
             res["cli_exit_ms"] = []
             res["after_return_ms"] = []
@@ -112,10 +114,14 @@ async def run(rig: Rig) -> None:
                     prep = write_kill_file(fw.rules, [entry], rename=False)
                     t0 = now_ns()
                     os.rename(prep, fw.rules / "kill.yaml")
+                elif method == "api":
+                    t0 = now_ns()
+                    api_call = asyncio.ensure_future(asyncio.to_thread(api_kill, admin))
                 else:
+                    remote = ("--server", admin) if method == "server" else ()
                     t0 = now_ns()
                     cli_proc = asyncio.ensure_future(
-                        timed(rig.cli(fw, "kill", KILLER.agent, "--reason", "bench"))
+                        timed(rig.cli(fw, *remote, "kill", KILLER.agent, "--reason", "bench"))
                     )
                 await wait_all(
                     functools.partial(seen_since, 403, t0),
@@ -125,6 +131,8 @@ async def run(rig: Rig) -> None:
                 res["all_ms"].append((max(w.since for w in workers) - t0) / MS)
                 res["first_ms"].append((min(w.since for w in workers) - t0) / MS)
                 res["stopped_ms"].append((max(w.stopped_at(t0) for w in workers) - t0) / MS)
+                if method == "api":
+                    res["cli_ack_ms"].append(await api_call)
                 if cli_proc is not None:
                     (code, out), exited = await cli_proc
                     res["cli_exit_ms"].append((exited - t0) / MS)
@@ -156,13 +164,18 @@ async def run(rig: Rig) -> None:
             "cli_status_ms": startup,
         }
         for method, res in results.items():
-            label = "`axme-fw kill`" if method == "cli" else "rename kill.yaml into place"
+            label = {
+                "cli": "`axme-fw kill`",
+                "rename": "rename kill.yaml into place",
+                "api": "admin API `POST /v1/kills`",
+                "server": "`axme-fw --server URL kill`",
+            }[method]
             n = len(res["all_ms"])
             note = (
                 f"{n} kills, 4 client processes of one agent sending continuously; "
                 "time to the first 403 seen by every instance"
             )
-            if method == "cli":
+            if method in ("cli", "server"):
                 note += (
                     f"; includes starting the CLI (Python): the CLI exits after a median "
                     f"{fmt_num(statistics.median(res['cli_exit_ms']), 'ms')} and reports the "
@@ -172,12 +185,12 @@ async def run(rig: Rig) -> None:
             rig.add(
                 Row("kill", f"{label} → 403 everywhere, p50", "ms", None, pct(res["all_ms"], 50))
             )
-            if method == "cli":
+            if method in ("cli", "server"):
                 for q in (50, 99):
                     rig.add(
                         Row(
                             "kill",
-                            f"`axme-fw kill` returned → 403 everywhere, p{q}",
+                            f"{label} returned → 403 everywhere, p{q}",
                             "ms",
                             None,
                             pct(res["after_return_ms"], q),
@@ -226,3 +239,16 @@ async def run(rig: Rig) -> None:
             f.cancel()
         if fw.rules is not None and kill_file_revision(fw.rules) > 0:
             write_kill_file(fw.rules, [])
+
+
+def api_kill(admin: str) -> float:
+    """``POST /v1/kills`` for the kill worker's agent; the proxy's ``enforced_ms``."""
+    import urllib.request
+
+    token = os.environ["AXME_FW_ADMIN_TOKEN"]
+    body = json.dumps({"agent": KILLER.agent, "reason": "bench"}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    req = urllib.request.Request(f"{admin}/v1/kills", body, headers, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=10) as resp:
+        return float(json.loads(resp.read())["enforced_ms"])

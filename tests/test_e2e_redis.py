@@ -177,6 +177,8 @@ def test_redis_down_fails_closed_for_shared_limits_keeps_kills_then_recovers(
         10,
         "shared limits again",
     )
+    rc = redis.Redis(port=fleet.redis.port)
+    wait_for(lambda: len(list(rc.scan_iter("axfw:replica:*"))) == 3, 10, "all 3 registered again")
 
 
 def test_a_kill_through_one_replicas_admin_api_holds_on_every_replica(
@@ -343,3 +345,31 @@ def test_a_replica_that_never_read_the_kill_list_serves_nothing(
     finally:
         p.stop()
         server.stop()
+
+
+def test_20_concurrent_kills_through_different_replicas_lose_nothing(fleet: Fleet) -> None:
+    import json
+
+    import requests
+
+    def one(i: int) -> int:
+        if i % 2 == 0:
+            return fleet.cli("kill", f"k{i}").returncode
+        s = requests.Session()
+        s.trust_env = False
+        url = f"http://127.0.0.1:{fleet.replicas[i % 3].admin_port}/v1/kills"
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        r = s.post(url, json={"agent": f"k{i}"}, headers=headers, timeout=30)
+        return 0 if r.status_code == 200 else r.status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(one, range(20))) == [0] * 20
+    data = json.loads(fleet.cli("status", "--json").stdout)
+    assert {f"k{i}" for i in range(20)} <= set(data["kills"])  # no write lost
+    assert {r["revision"] for r in data["replicas"]} == {data["revision"]}  # one revision
+    with ThreadPoolExecutor(20) as pool:
+        assert (
+            list(pool.map(lambda i: fleet.cli("resume", f"k{i}").returncode, range(20))) == [0] * 20
+        )
+    data = json.loads(fleet.cli("status", "--json").stdout)
+    assert not {f"k{i}" for i in range(20)} & set(data["kills"])
