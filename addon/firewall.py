@@ -169,6 +169,8 @@ class Firewall:
             self.audit.close()
         self.audit = audit_mod.AuditWriter(state_dir)
         url, rules_dir = ctx.options.axme_redis, Path(ctx.options.axme_rules)
+        if "store" in self.__dict__:
+            self.store.discard()  # replaced before it served (e.g. --redis set after --state)
         self.store = (
             for_proxy(self, url, state_dir, rules_dir)
             if url

@@ -287,6 +287,11 @@ class LocalStore:
             health = self.health.snapshot()
             self.loop.run_in_executor(self.writer, self.files.save, "health", health)
 
+    def discard(self) -> None:
+        """Let go of the files without saving: this store is being replaced."""
+        self.writer.shutdown(wait=True)
+        self.files.close()
+
     def close(self) -> None:
         """Pending writes first, then a clean copy (blocking: shutdown only)."""
         self.writer.shutdown(wait=True)
