@@ -125,7 +125,7 @@ def test_a_kill_in_redis_is_acknowledged_by_every_replica(fleet: Fleet, up: Upst
 
     data = json.loads(res.stdout)
     assert [r["replica"] for r in data["replicas"]] == ["r0", "r1", "r2"]
-    assert all(r["in_sync"] and r["listen"] for r in data["replicas"])
+    assert all(r["in_sync"] and r["listen"] for r in data["replicas"]), data
 
 
 def test_a_replica_that_stops_is_named_and_the_kill_fails(fleet: Fleet, tmp_path: Path) -> None:
