@@ -117,7 +117,7 @@ class Operations:
         202 naming the replicas that did not within CONFIRM_WITHIN."""
         import redis
 
-        from .redis_store import change_and_wait, connect
+        from .redis_ops import change_and_wait, connect
 
         assert self.redis_url is not None
 

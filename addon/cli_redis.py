@@ -11,6 +11,7 @@ import click
 from .audit import now_iso
 from .cli_common import fail
 from .ruleset import Kill
+from .yamlnodes import format_duration
 
 WAIT = 2.0
 
@@ -19,7 +20,7 @@ def change(url: str, agent: str, mode: str | None, reason: str, by: str) -> None
     """Kill or pause ``agent`` (``mode``), or resume it (None), for every replica."""
     import redis
 
-    from .redis_store import change_and_wait, connect, redact
+    from .redis_ops import change_and_wait, connect, redact
 
     kill = None if mode is None else Kill(agent, mode, reason, by, now_iso())  # type: ignore[arg-type]
     verb = "resumed" if mode is None else ("paused" if mode == "park" else "killed")
@@ -44,7 +45,7 @@ def status(url: str, as_json: bool) -> None:
 
     import redis
 
-    from .redis_store import connect, read_kills, redact, replicas
+    from .redis_ops import connect, read_kills, redact, replicas
 
     r = connect(url, timeout=2.0)
     try:
@@ -81,31 +82,36 @@ def status(url: str, as_json: bool) -> None:
         click.echo("  no replica is running")
     for a in agents:
         insts = ", ".join(a["instances"]) or "-"
-        click.echo(
-            f"  agent {a['agent']:<16} last seen {a['last_seen_s']}s ago, "
-            f"{a['requests']} requests, instances: {insts}"
-        )
+        seen = "never seen" if a["last_seen_s"] is None else f"last seen {a['last_seen_s']}s ago"
+        click.echo(f"  agent {a['agent']:<16} {seen}, {a['requests']} requests, instances: {insts}")
+        for row in a["limits"]:
+            cap = "no ceiling" if row["max"] is None else f"max {row['max']:g}"
+            per = format_duration(float(row["per"]))
+            click.echo(f"    {row['key']:<22} {row['used']:.6g} used ({cap} per {per})")
 
 
 def _fleet_agents(r: Any, now: float) -> list[dict[str, Any]]:
-    """Each agent as the whole fleet saw it (the replicas' published health, merged)."""
-    import json
-
+    """Each agent as the whole fleet saw it (the replicas' published health, merged), and
+    its limits and spend as Redis holds them (from the replica that published last)."""
     from .health import merge
-    from .redis_store import P
+    from .redis_ops import published
 
-    snaps = []
-    for key in r.scan_iter(P + "health:*", count=500):
-        raw = r.get(key)
-        if raw:
-            snaps.append(json.loads(raw))
-    fleet = merge(snaps)
-    return [
-        {
-            "agent": agent,
-            "last_seen_s": round(now - seen.last, 1),
-            "requests": seen.requests,
-            "instances": sorted(fleet.instances.get(agent, {})),
-        }
-        for agent, seen in sorted(fleet.agents.items())
-    ]
+    snaps = sorted(published(r), key=lambda s: float(s.get("at") or 0))
+    fleet = merge([s.get("health") or {} for s in snaps])
+    limits: dict[str, list[dict[str, Any]]] = {}
+    for snap in snaps:  # oldest first: the freshest rows win
+        limits.update(snap.get("limits") or {})
+    names = sorted(set(fleet.agents) | set(limits))
+    out = []
+    for agent in names:
+        seen = fleet.agents.get(agent)
+        out.append(
+            {
+                "agent": agent,
+                "last_seen_s": round(now - seen.last, 1) if seen is not None else None,
+                "requests": seen.requests if seen is not None else 0,
+                "instances": sorted(fleet.instances.get(agent, {})),
+                "limits": limits.get(agent, []),
+            }
+        )
+    return out

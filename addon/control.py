@@ -309,9 +309,17 @@ class Liveness:
     def heartbeat(self, agent: str, peer: str | None, header: str | None) -> str:
         instance = instance_of(peer, header)
         if self.store.saw(agent, instance, time.time()):
-            self._audit("agent.recovered", agent=agent)
-            self._alert("agent.recovered", agent=agent, reason="traffic again")
+            self.store.claim("agent.recovered", agent, functools.partial(self._recovered, agent))
         return instance
+
+    def _recovered(self, agent: str) -> None:
+        self._audit("agent.recovered", agent=agent)
+        self._alert("agent.recovered", agent=agent, reason="traffic again")
+
+    def _stale(self, agent: str) -> None:
+        if self.gate.rules.kill_for(agent) is None:  # a killed agent is quiet by design
+            self._audit("agent.stale", agent=agent, stale_after=self._stale_after(agent))
+            self._alert("agent.stale", agent=agent, reason="no traffic or heartbeat")
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -321,13 +329,12 @@ class Liveness:
         return stale_after(self.gate.rules, agent)
 
     def _sweep(self) -> None:
-        """Every SWEEP_INTERVAL: mark agents with no traffic for stale_after; alert once."""
+        """Every SWEEP_INTERVAL: mark agents with no traffic for stale_after; alert once
+        (once for the fleet: the store picks the replica that reports)."""
         assert self.loop is not None
         try:
             for agent in self.store.sweep(time.time(), self._stale_after):
-                if self.gate.rules.kill_for(agent) is None:  # a killed agent is quiet by design
-                    self._audit("agent.stale", agent=agent, stale_after=self._stale_after(agent))
-                    self._alert("agent.stale", agent=agent, reason="no traffic or heartbeat")
+                self.store.claim("agent.stale", agent, functools.partial(self._stale, agent))
             self._tick()
         except Exception:
             log.exception("axme-fw: health sweep failed")

@@ -17,14 +17,14 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from mitmproxy import ctx, exceptions, http, tcp
 from mitmproxy.connection import Client
 
-from . import admin, admin_ops, agentapi
+from . import admin, admin_ops, agentapi, background
 from . import audit as audit_mod
 from .alerts import Alerter
 from .answers import refusal
@@ -54,21 +54,37 @@ META_AGENT = "axme_fw.agent"
 META_LLM = "axme_fw.llm"  # the ApiKind of an LLM call
 
 
+def _refuse_failed(flow: http.HTTPFlow, hook: str) -> None:
+    log.exception("axme-fw: %s failed; refusing the flow", hook)
+    try:
+        if flow.intercepted:
+            flow.resume()
+        flow.response = refusal(403, "internal_error", None, "the firewall failed closed")
+    except Exception:  # pragma: no cover - last resort
+        flow.kill()
+
+
 def _fail_closed[F: Callable[..., Any]](hook: F) -> F:
-    """Refuse the flow if the hook raises: never let mitmproxy forward it."""
+    """Refuse the flow if the hook raises: never let mitmproxy forward it. A hook that
+    returns a coroutine (it awaits the shared store) is guarded to its end the same way."""
 
     @functools.wraps(hook)
-    def wrapper(self: Firewall, flow: http.HTTPFlow) -> None:
+    def wrapper(self: Firewall, flow: http.HTTPFlow) -> Awaitable[None] | None:
         try:
-            hook(self, flow)
+            pending = hook(self, flow)
         except Exception:
-            log.exception("axme-fw: %s failed; refusing the flow", hook.__name__)
+            _refuse_failed(flow, hook.__name__)
+            return None
+        if pending is None:
+            return None
+
+        async def guarded() -> None:
             try:
-                if flow.intercepted:
-                    flow.resume()
-                flow.response = refusal(403, "internal_error", None, "the firewall failed closed")
-            except Exception:  # pragma: no cover - last resort
-                flow.kill()
+                await pending
+            except Exception:
+                _refuse_failed(flow, hook.__name__)
+
+        return guarded()
 
     return wrapper  # type: ignore[return-value]
 
@@ -229,6 +245,7 @@ class Firewall:
         deadline = time.monotonic() + 3.0
         while self._closing and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        await background.drain(2.0)  # settlements in flight land before the store closes
         self.store.close()
         self._audit("proxy.stopped", pid=os.getpid())
         if self.alerter is not None:
@@ -335,19 +352,33 @@ class Firewall:
             self._answer(flow, out)
 
     @_fail_closed
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Decide; for an agent with limits, the store answers step 6 (awaited: the loop
+        serves other flows meanwhile)."""
         if flow.response is not None:  # answered by another addon already
-            return
+            return None
         auth, instance, two = take_headers(flow.request)
         t0 = time.perf_counter()
-        out = self.gate.request(self.conns.request(flow, auth, two), time.time())
+        out = self.gate.request(self.conns.request(flow, auth, two))
+        if out.limits is not None:
+            return self._limited(flow, out, instance, t0)
+        self._decided(flow, out, instance, t0)
+        return None
+
+    async def _limited(
+        self, flow: http.HTTPFlow, out: Outcome, instance: str | None, t0: float
+    ) -> None:
+        await self.gate.limit(out, time.time())
+        self._decided(flow, out, instance, t0)
+
+    def _decided(self, flow: http.HTTPFlow, out: Outcome, instance: str | None, t0: float) -> None:
         d = out.decision
         self.metrics.request(d.agent, out.do.value, d.reason, time.perf_counter() - t0)
         if out.path is not None:
             flow.request.path = out.path  # the upstream reads what the rules matched
         if out.host is not None:
             flow.request.host = out.host
-        d, cid = out.decision, flow.client_conn.id
+        cid = flow.client_conn.id
         if out.do is Do.CONTROL:
             beat = functools.partial(self._beat, flow, instance)
             agentapi.answer(flow, out.facts, self.gate, self.store, beat, self.lot.counts)
@@ -371,13 +402,16 @@ class Firewall:
         return self.liveness.heartbeat(agent, _peer(flow), instance)
 
     @_fail_closed
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         """LLM calls: reserve the worst-case cost before the request is sent."""
         kind = flow.metadata.get(META_LLM)
         agent = flow.metadata.get(META_AGENT)
         if kind is None or agent is None or flow.response is not None:
-            return
-        out = self.metering.begin(flow, agent, kind)
+            return None
+        return self._reserve(flow, agent, kind)
+
+    async def _reserve(self, flow: http.HTTPFlow, agent: str, kind: Any) -> None:
+        out = await self.metering.begin(flow, agent, kind)
         if out is not None:
             self._effects(out.fx, flow)
             if out.do is not Do.FORWARD:

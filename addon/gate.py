@@ -11,9 +11,11 @@ an :class:`Outcome` (what the hooks do with it). In order, first refusal wins:
 4. :func:`axme_fw.policy.decide`: identity → kill list → inbound → allow list;
 5. report mode: a refusal is recorded as ``would_*`` and the request goes on
    (never for a kill, never for a request without credentials);
-6. limits: the request and its actions are checked and recorded in one
+6. limits (:meth:`Gate.limit`, awaited by the hook only when the agent has limits):
+   the request and its actions are checked and recorded in one
    :meth:`Store.admit <axme_fw.store.Store.admit>`; on exceeding, throttle (429) or
-   refuse and auto-kill (block or park);
+   refuse and auto-kill (block or park). A kill that arrived while the store answered
+   still wins;
 7. forward, noting whether it is an LLM call (its cost is reserved by :meth:`Gate.reserve`
    once the body is known and settled by :meth:`Gate.settle` when its answer ended).
 
@@ -90,6 +92,7 @@ class Outcome:
     path: str | None = None  # forward with this request target instead
     host: str | None = None  # connect to this spelling of the host instead
     llm: ApiKind | None = None
+    limits: list[LimitSpec] | None = None  # step 6 is due: await Gate.limit
     fx: Effects = field(default_factory=Effects)
 
 
@@ -124,14 +127,20 @@ class Gate:
 
     # ------------------------------------------------------------ requests
 
-    def request(self, req: Request, now: float) -> Outcome:
-        """Steps 1-7 for a request (inside a tunnel or not)."""
+    def request(self, req: Request) -> Outcome:
+        """Steps 1-5 and 7 for a request (inside a tunnel or not). When the agent has limits
+        that apply, ``out.limits`` is set: step 6 is due, ``await`` :meth:`limit`."""
         out = self._admission(req)
-        if out.do is not Do.FORWARD or out.decision.agent is None:
-            return out
-        if out.decision.agent in self.specs and not self._limits(out, now):
+        d = out.decision
+        if out.do is not Do.FORWARD or d.agent is None:
             return out
         out.llm = detect_api(out.facts.method, out.facts.path)
+        entry = self.specs.get(d.agent)
+        if entry is not None:
+            specs = [*entry.requests]
+            for action in d.actions:
+                specs += entry.actions.get(action, ())
+            out.limits = specs or None
         return out
 
     def connect(self, req: Request, passes_through: Callable[[str, int], bool]) -> Outcome:
@@ -170,16 +179,21 @@ class Gate:
         out.identified = d.agent is not None and d.reason != "unknown_agent"
         if req.host != facts.host and not req.connect:
             out.host = facts.host  # connect to the spelling the rules matched
+        self._apply(out, d)
+        return out
+
+    def _apply(self, out: Outcome, d: Decision) -> None:
+        """Record ``d`` and make ``out`` what it says: park or refuse (in report mode a
+        refusal other than a kill or an identity one is recorded as ``would`` and goes on)."""
         report = self.rules.defaults.mode == "report" and d.reason != "agent_killed"
         if d.refused and report and d.verdict is not Verdict.AUTH:
             self._record(out, d, would=True)
-            return out
+            return
         self._record(out, d)
         if d.verdict is Verdict.PARK:
             out.do = Do.PARK
         elif d.refused:
             out.do, out.status = Do.REFUSE, _status(d)
-        return out
 
     def facts(self, req: Request) -> tuple[Facts, Decision | None, str | None]:
         """Request facts in their one canonical spelling; a refusal when there is none
@@ -259,38 +273,48 @@ class Gate:
 
     # ------------------------------------------------------------ limits and cost
 
-    def _limits(self, out: Outcome, now: float) -> bool:
+    async def limit(self, out: Outcome, now: float) -> None:
         """Step 6: count the request against its agent's windows, check and record in one
-        store call, so concurrent requests never get more than ``max`` through. False
-        when ``out`` became a refusal."""
-        d = out.decision
-        assert d.agent is not None
-        entry = self.specs[d.agent]
-        specs = [*entry.requests]
-        for action in d.actions:
-            specs += entry.actions.get(action, ())
-        if not specs:
-            return True
+        store call, so concurrent requests (on any replica) never get more than ``max``
+        through. ``out`` may become a refusal; a kill installed while the store answered
+        is applied (its decision wins over the limits' verdict)."""
+        d, specs = out.decision, out.limits
+        assert d.agent is not None and specs is not None
+        out.limits = None
+        rules = self.rules
         try:
-            ex = self.store.admit(d.agent, specs, now)
+            ex = await self.store.admit(d.agent, specs, now)
         except StoreUnavailable as exc:
             self._unavailable(out, d.agent, str(exc))
-            return False
+            return
+        if self.rules is not rules and self._redecided(out):
+            return
         if ex is None:
-            return True
+            return
         detail = limit_detail(ex)
         if self.rules.defaults.mode == "report":
             rule = f"limits.{ex.spec.key}"
             out.fx.events.append(
                 ("limit.would_exceed", {"agent": d.agent, "rule": rule, "detail": detail})
             )
-            return True
+            return
         denied = dataclasses.replace(
             d, verdict=Verdict.DENY, reason="limit_exceeded", detail=detail
         )
         self._record(out, denied)
         self._exceeded(out, d.agent, ex, detail)
-        return False
+
+    def _redecided(self, out: Outcome) -> bool:
+        """The rules changed during the store call: decide again with the new ones (a kill
+        or a revoked token wins). True when ``out`` stopped being a forward."""
+        d = self.decide(out.facts)
+        if not d.refused:
+            return False
+        self._apply(out, d)
+        if out.do is Do.FORWARD:
+            return False
+        out.decision, out.llm = d, None
+        return True
 
     def _unavailable(self, out: Outcome, agent: str, why: str) -> None:
         """A shared limit or ceiling cannot be checked: fail closed (503)."""
@@ -318,7 +342,7 @@ class Gate:
         mode = "park" if spec.on_exceed is OnExceed.PARK else "block"
         out.fx.auto_kill = AutoKill(agent, mode, spec, detail)
 
-    def reserve(
+    async def reserve(
         self, agent: str, kind: ApiKind, path: str, body: bytes, now: float
     ) -> Call | Outcome:
         """Reserve an LLM call's worst-case cost before it is sent; an outcome when it is
@@ -326,7 +350,7 @@ class Gate:
         entry = self.specs.get(agent)
         spec = entry.cost if entry is not None else None
         try:
-            got = self.meter.begin(agent, kind, path, body, spec, now)
+            got = await self.meter.begin(agent, kind, path, body, spec, now)
         except StoreUnavailable as exc:
             out = Outcome(Do.REFUSE, Decision(Verdict.DENY, "", agent), NO_FACTS, 503)
             self._unavailable(out, agent, str(exc))
@@ -345,11 +369,14 @@ class Gate:
             out.fx.events.append(("cost.refused", fields))
         return out
 
-    def settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> Effects:
+    async def settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> Effects:
         """Replace a call's reservation by what it cost; the records and the auto-kill
         that follow (a crossed ceiling, a passed warning)."""
         fx = Effects()
-        result = self.meter.settle(call, usage, sent, now)
+        try:
+            result = await self.meter.settle(call, usage, sent, now)
+        except StoreUnavailable:  # pragma: no cover - a store keeps what it cannot send
+            return fx
         if result.usage is not None:
             u = result.usage
             fx.events.append(

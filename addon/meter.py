@@ -1,7 +1,9 @@
 """Pure core: spend metering for LLM calls: reserve an estimate, settle with real usage.
 
-Pure (no mitmproxy, no I/O, no clock): the addon calls :meth:`Meter.begin` when a
-request's body is known, :meth:`Meter.settle` when its response ended (or broke).
+No mitmproxy, no I/O of its own, no clock: the addon awaits :meth:`Meter.begin` when a
+request's body is known, :meth:`Meter.settle` when its response ended (or broke). Both
+go through :class:`Counters` (a :class:`~axme_fw.store.Store`), which may be shared
+between replicas: each is at most one store call.
 
 Why reserve: N calls in flight at once each see the same spend and would all pass a
 check made on spend alone, the way a $10 LiteLLM key spent $217. A reservation holds
@@ -27,20 +29,41 @@ from .yamlnodes import format_duration
 TRACK = LimitSpec("cost_usd", 1e15, 86400.0, OnExceed.THROTTLE)
 
 
-class Counters(Protocol):
-    """The windows a meter charges: :class:`axme_fw.limits.Windows`, or a
-    :class:`axme_fw.store.Store` (which may share them between replicas)."""
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What a settlement left in its window: recorded spend, and whether it just passed
+    ``warn_at`` (true once per crossing, re-armed when spend falls back below)."""
 
-    def admit(
-        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
-    ) -> Exceeded | None: ...
-    def reserve(
+    used: float
+    warned: bool
+
+
+class Readings(Protocol):
+    def used(self, agent: str, key: str, per: float, now: float) -> float:
+        """Recorded use in the window (a shared store: as last read; for people)."""
+        ...
+
+
+class Counters(Readings, Protocol):
+    """The windows a meter charges: a :class:`axme_fw.store.Store`, which may share them
+    between replicas (then each call is one atomic round trip)."""
+
+    async def reserve(
         self, agent: str, spec: LimitSpec, amount: float, now: float
     ) -> Reservation | Exceeded: ...
-    def settle(self, reservation: Reservation, actual: float, now: float) -> None: ...
+    async def settle(
+        self,
+        agent: str,
+        spec: LimitSpec,
+        actual: float,
+        now: float,
+        reservation: Reservation | None = None,
+    ) -> Spent:
+        """Replace ``reservation`` by ``actual`` (without one: record ``actual``); never
+        twice for one reservation."""
+        ...
+
     def release(self, reservation: Reservation) -> None: ...
-    def used(self, agent: str, key: str, per: float, now: float) -> float: ...
-    def warn_crossed(self, agent: str, spec: LimitSpec, now: float) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +103,7 @@ class Meter:
         self.windows = windows
         self.pricing = pricing
 
-    def begin(
+    async def begin(
         self, agent: str, kind: ApiKind, path: str, body: bytes, spec: LimitSpec | None, now: float
     ) -> Call | Refused:
         """Estimate the call and reserve it against ``spec``; refuse when already at the ceiling
@@ -100,13 +123,13 @@ class Meter:
             usd = priced or 0.0
         reservation = None
         if spec is not None:
-            got = self.windows.reserve(agent, spec, usd, now)
+            got = await self.windows.reserve(agent, spec, usd, now)
             if isinstance(got, Exceeded):
                 return Refused("limit_exceeded", cost_detail(got), got)
             reservation = got
         return Call(agent, kind, est, usd, spec, reservation, pm)
 
-    def settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> Settled:
+    async def settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> Settled:
         """Replace the reservation by the real cost. Never twice for one call.
 
         ``usage`` None with ``sent`` (the request left, no usage came back) charges the
@@ -132,22 +155,18 @@ class Meter:
             return Settled(None, 0.0, False, None, False)
         priced = self.pricing.cost_usd(usage) if self.pricing is not None else None
         usd = priced if priced is not None else 0.0
-        if call.reservation is not None:
-            self.windows.settle(call.reservation, usd, now)
-        elif usd > 0:
-            self.windows.admit(call.agent, [TRACK], now, usd)
-        crossed, warn = None, False
         spec = call.spec
-        if spec is not None:
-            used = self.windows.used(call.agent, spec.key, spec.per, now)
-            if used >= spec.max:
-                crossed = Exceeded(spec, used, spec.per)
-            warn = spec.warn_at is not None and self.windows.warn_crossed(call.agent, spec, now)
-        return Settled(usage, usd, priced is None, crossed, warn)
+        if spec is None:  # no ceiling: the spend is only tracked (nothing to record: no call)
+            if usd > 0:
+                await self.windows.settle(call.agent, TRACK, usd, now)
+            return Settled(usage, usd, priced is None, None, False)
+        spent = await self.windows.settle(call.agent, spec, usd, now, call.reservation)
+        crossed = Exceeded(spec, spent.used, spec.per) if spent.used >= spec.max else None
+        return Settled(usage, usd, priced is None, crossed, spent.warned)
 
 
 def usage_rows(
-    windows: Counters, agent: str, limits: Sequence[Any], now: float
+    windows: Readings, agent: str, limits: Sequence[Any], now: float
 ) -> list[dict[str, Any]]:
     """Each limit's use in its window, for status; plus the rolling day's spend when the
     agent has no cost ceiling but has spent something (``max`` is then None)."""

@@ -4,7 +4,9 @@ The request body is known in the ``request`` hook: the gate reserves the call's 
 case then. Every LLM response is streamed through a callable (never buffered, JSON
 included): it passes each chunk on unchanged and at once, feeds the usage reader, and
 settles on the final empty chunk, so no ``response`` hook runs on the per-request
-path. A call whose flow ends unseen is settled by :meth:`Metering.sweep`.
+path. A call whose flow ends unseen is settled by :meth:`Metering.sweep`. Settling is a
+task on the loop (the store may be shared): its effects, an auto-kill included, apply
+when the store has answered.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from .cost import ApiKind, StreamScanner, usage_from_json
+from .background import spawn
+from .cost import ApiKind, StreamScanner, Usage, usage_from_json
 from .gate import Effects, Gate, Outcome
 from .meter import Call
 
@@ -46,10 +49,10 @@ class Metering:
         # LLM calls reserved and not yet settled, swept in case a flow ends unseen.
         self.open_calls: dict[int, tuple[http.HTTPFlow, Call]] = {}
 
-    def begin(self, flow: http.HTTPFlow, agent: str, kind: ApiKind) -> Outcome | None:
+    async def begin(self, flow: http.HTTPFlow, agent: str, kind: ApiKind) -> Outcome | None:
         """Reserve the call; the refusal outcome when it may not go."""
         body = flow.request.get_content(strict=False) or b""
-        got = self.gate.reserve(agent, kind, flow.request.path, body, time.time())
+        got = await self.gate.reserve(agent, kind, flow.request.path, body, time.time())
         if isinstance(got, Outcome):
             return got
         flow.metadata[META_CALL] = got
@@ -137,8 +140,8 @@ class Metering:
                 sent = resp is not None or flow.server_conn.timestamp_tcp_setup is not None
         except Exception:  # reading failed: still settle (the prompt estimate, partial)
             log.exception("axme-fw: could not read the usage of a call of %s", call.agent)
-        try:
-            self.open_calls.pop(id(call), None)
-            self._effects(self.gate.settle(call, usage, sent, time.time()))
-        except Exception:
-            log.exception("axme-fw: metering failed for a call of %s", call.agent)
+        self.open_calls.pop(id(call), None)
+        spawn(self._settle(call, usage, sent, time.time()), f"settling a call of {call.agent}")
+
+    async def _settle(self, call: Call, usage: Usage | None, sent: bool, now: float) -> None:
+        self._effects(await self.gate.settle(call, usage, sent, now))

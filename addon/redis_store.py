@@ -1,57 +1,51 @@
 """State: :class:`RedisStore`, the :class:`~axme_fw.store.Store` that N replicas share.
 
-What is shared, and how (one ``redis-server``, every key under ``axfw:``):
+Every call on the proxy's loop is awaited on an asyncio Redis client: a replica waiting on
+Redis keeps serving every other flow. What lives where is :mod:`axme_fw.redis_ops`.
 
-- **Limit windows and spend**: each (agent, key) is a sorted set of events (score: time,
-  member: ``id:amount``) plus a hash of open reservations (``amount|expiry``). Check and
-  record (:meth:`admit`), check and hold (:meth:`reserve`), and replace a hold by the
-  real cost (:meth:`settle`) are each one Lua script, so they are atomic across
-  replicas. Settling twice is a no-op (the hold is deleted by the first); holds expire
-  (``RESERVATION_TTL``), so a replica that dies mid-call does not hold budget forever.
-- **The kill list**: a hash ``axfw:kills`` and a revision counter, changed in one
-  MULTI/EXEC with a PUBLISH on ``axfw:kills``. A background thread listens, re-reads
-  every second as a backstop for missed messages, and hands the list to the loop.
-  It combines with ``rules/kill.yaml``: a kill in either holds; a resume only removes
-  what it names where it was written.
-- **Replicas**: each has an id and a heartbeat key with a short TTL
-  (``axfw:replica:ID``), and acknowledges the kill-list revision it enforces in the hash
-  ``axfw:acks``; ``axme-fw --redis URL kill`` waits for every live replica.
-
-Faults: when Redis cannot be reached, kills already known stay in force (never forget a
-kill); a replica that never loaded the kill list is not ready and refuses everything;
-requests that need a shared limit or ceiling are refused 503 ``store_unavailable``
-(``defaults.store.on_unavailable: refuse``, the default) or counted in this replica's
-memory (``local``, documented as weaker). ``store.down`` / ``store.up`` are audited
-once each. Health, status snapshots and the audit chain stay per replica.
-
-Calls that decide (admit, reserve, settle) are one round trip on the loop, bounded by a
-short socket timeout; they are made only for agents that have limits or ceilings.
+- **Limits and spend**: check-and-record (:meth:`admit`), check-and-hold
+  (:meth:`reserve`) and replace-a-hold-by-the-real-cost (:meth:`settle`) are one Lua
+  script each: atomic across replicas, one round trip. A hold is a lease this replica
+  renews every second while its call runs; a replica that dies stops renewing, and its
+  holds are dropped ``HOLD_LEASE`` later. A settle is recorded under the hold's id, so a
+  retried one never charges twice.
+- **The kill list**: one watcher task subscribes to the kill channel, re-reads the list on
+  every message and every second (the backstop for a missed message), applies it and
+  acknowledges the revision it enforces. It also beats (the replica's heartbeat key and
+  its published health and limits), renews leases and refreshes the spend it shows.
+- **Faults**: the first error marks the store down (audited and alerted once). While it
+  is down no decision waits on Redis: known kills stay in force, agents without limits
+  flow, a limit or ceiling is refused 503 ``store_unavailable`` (``defaults.store.
+  on_unavailable: refuse``) or counted in this replica's memory (``local``). Spend
+  settled meanwhile is kept and sent once Redis is back. The watcher reconnects, re-reads
+  the kill list (putting it back if Redis came back empty) and only then marks the store
+  up. A replica that never read the list is not ready and serves nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import collections
 import contextlib
-import functools
 import itertools
 import json
 import logging
 import math
 import os
-import socket
-import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
+import redis.asyncio as aioredis
 
+from . import redis_ops as ops
+from .background import spawn
 from .health import Health
 from .health import merge as merge_health
 from .limits import Exceeded, LimitSpec, Reservation
+from .meter import Spent
 from .ruleset import Kill, Ruleset
 from .store import Audit, LocalStore, StoreUnavailable
 
@@ -60,194 +54,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-P = "axfw:"
-KILLS, REVISION, CHANNEL, ACKS = P + "kills", P + "kills:rev", P + "kills", P + "acks"
-RESERVATION_TTL = 600.0  # an LLM call longer than this is charged its estimate
-HEARTBEAT_TTL = 5
-TIMEOUT = 0.25  # seconds: a decision never waits longer on Redis
-
-_LIB = """
-local function used(ev, now, per)
-  local total = 0
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', ev, '(' .. (now - per), '+inf')) do
-    total = total + tonumber(string.match(m, ':([^:]+)$'))
-  end
-  return total
-end
-local function held(hk, now)
-  local total, h = 0, redis.call('HGETALL', hk)
-  for i = 1, #h, 2 do
-    local a, exp = string.match(h[i + 1], '([^|]+)|(.+)')
-    if tonumber(exp) <= now then redis.call('HDEL', hk, h[i]) else total = total + tonumber(a) end
-  end
-  return total
-end
-local function retry(ev, now, per)
-  local o = redis.call('ZRANGEBYSCORE', ev, '(' .. (now - per), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-  if #o > 0 then return tonumber(o[2]) + per - now end
-  return per
-end
-local function fits(total, max) return total <= max + math.abs(max) * 1e-9 + 1e-12 end
-"""
-
-# KEYS: ev1, hk1, ev2, hk2, ...  ARGV: now, amount, id, then per spec: max, per, keep
-# (keep: "" when another spec records on the same key, else how long events are kept).
-ADMIT = (
-    _LIB
-    + """
-local now, amount, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local n = #KEYS / 2
-for i = 1, n do
-  local ev, hk = KEYS[2 * i - 1], KEYS[2 * i]
-  local max, per = tonumber(ARGV[1 + 3 * i]), tonumber(ARGV[2 + 3 * i])
-  local u = used(ev, now, per) + held(hk, now)
-  if not fits(u + amount, max) then return {i, tostring(u), tostring(retry(ev, now, per))} end
-end
-if amount > 0 then
-  for i = 1, n do
-    local keep = ARGV[3 + 3 * i]
-    if keep ~= '' then
-      local ev = KEYS[2 * i - 1]
-      redis.call('ZADD', ev, now, id .. ':' .. amount)
-      redis.call('ZREMRANGEBYSCORE', ev, '-inf', now - tonumber(keep))
-      redis.call('EXPIRE', ev, math.ceil(tonumber(keep)) + 60)
-    end
-  end
-end
-return {0}
-"""
-)
-
-# KEYS: ev, hk  ARGV: now, amount, max, per, id, ttl
-RESERVE = (
-    _LIB
-    + """
-local now, amount = tonumber(ARGV[1]), tonumber(ARGV[2])
-local max, per = tonumber(ARGV[3]), tonumber(ARGV[4])
-local u, h = used(KEYS[1], now, per), held(KEYS[2], now)
-local alone = redis.call('HLEN', KEYS[2]) == 0
-if not (fits(u + h + amount, max) or (alone and u < max - math.abs(max) * 1e-9)) then
-  return {0, tostring(u + h), tostring(retry(KEYS[1], now, per))}
-end
-redis.call('HSET', KEYS[2], ARGV[5], ARGV[2] .. '|' .. (now + tonumber(ARGV[6])))
-redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[6]) + per))
-return {1}
-"""
-)
-
-# KEYS: ev, hk  ARGV: now, id, actual (-1: release), keep
-SETTLE = """
-if redis.call('HDEL', KEYS[2], ARGV[2]) == 0 then return 0 end
-local actual = tonumber(ARGV[3])
-if actual > 0 then
-  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
-  redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])) + 60)
-end
-return 1
-"""
+TIMEOUT = 0.5  # s: the longest a decision waits on Redis before it is refused
+BEAT = 1.0  # s: heartbeat, kill-list re-read, lease renewal, spend refresh
+FAULTS = (redis.RedisError, OSError, asyncio.TimeoutError)
+MAX_UNSENT = 100_000  # settlements kept while Redis is down
 
 
-def redact(url: str) -> str:
-    """``redis://:****@host:6379/0``: the password never reaches a log."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
-
-
-def default_replica_id(port: int) -> str:
-    return f"{socket.gethostname()}:{port}"
-
-
-def connect(url: str, timeout: float = TIMEOUT) -> redis.Redis:
-    return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
-    )
-
-
-def kill_json(kill: Kill) -> str:
-    return json.dumps(
-        {
-            "agent": kill.agent,
-            "mode": kill.mode,
-            "reason": kill.reason,
-            "by": kill.by,
-            "at": kill.at,
-        }
-    )
-
-
-def read_kills(r: redis.Redis) -> tuple[int, tuple[Kill, ...]]:
-    """The kill list and its revision, read together."""
-    with r.pipeline(transaction=True) as p:
-        p.get(REVISION)
-        p.hgetall(KILLS)
-        rev, entries = p.execute()
-    kills = []
-    for raw in sorted(entries.values()):
-        d = json.loads(raw)
-        kills.append(Kill(d["agent"], d["mode"], d.get("reason", ""), d.get("by", ""), d["at"]))
-    return int(rev or 0), tuple(kills)
-
-
-def write_kill(r: redis.Redis, agent: str, kill: Kill | None) -> int:
-    """Add (or replace) ``agent``'s kill, or remove it (``kill`` None): one atomic write
-    with a new revision, published to every replica. Returns the revision."""
-    with r.pipeline(transaction=True) as p:
-        if kill is None:
-            p.hdel(KILLS, agent)
-        else:
-            p.hset(KILLS, agent, kill_json(kill))
-        p.incr(REVISION)
-        rev = p.execute()[-1]
-    r.publish(CHANNEL, str(rev))
-    return int(rev)
-
-
-def replicas(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Live replicas (heartbeat key present) with the revision each acknowledged."""
-    acks = r.hgetall(ACKS)
-    out = {}
-    for key in r.scan_iter(P + "replica:*", count=500):
-        raw = r.get(key)
-        if raw is None:
-            continue
-        rid = key.removeprefix(P + "replica:")
-        out[rid] = {**json.loads(raw), "acked": int(acks.get(rid, -1))}
-    return out
-
-
-# KEYS: kills, revision  ARGV: the revision this replica enforces, then agent, kill json, ...
-RESTORE = """
-local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cur >= tonumber(ARGV[1]) then return cur end
-for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-local rev = tonumber(ARGV[1]) + 1
-redis.call('SET', KEYS[2], rev)
-redis.call('PUBLISH', KEYS[1], rev)
-return rev
-"""
-
-
-def change_and_wait(
-    r: redis.Redis, agent: str, kill: Kill | None, wait: float
-) -> tuple[int, list[str], list[str], float]:
-    """Write a kill (or a resume: None) and wait up to ``wait`` s until every live replica
-    acknowledges it: (revision, live replicas, those behind, ms). Blocking."""
-    started = time.monotonic()
-    revision = write_kill(r, agent, kill)
-    while True:
-        live = replicas(r)
-        behind = sorted(rid for rid, rep in live.items() if rep["acked"] < revision)
-        if not behind or time.monotonic() - started >= wait:
-            return revision, sorted(live), behind, (time.monotonic() - started) * 1000
-        time.sleep(0.002)
+def _kills_of(raw: Any) -> tuple[int, tuple[Kill, ...]]:
+    rev, entries = raw
+    return int(rev or 0), ops.parse_kills(entries)
 
 
 class RedisStore(LocalStore):
-    """Limits, spend and the kill list in Redis; health and snapshots as LocalStore."""
+    """Limits, spend and the kill list in Redis; health and snapshots as LocalStore (and
+    shared for the fleet's status and staleness)."""
 
     def __init__(
         self,
@@ -261,32 +81,43 @@ class RedisStore(LocalStore):
         super().__init__(state_dir, rules_dir, audit)
         self.url, self.replica = url, replica
         self._on_unavailable = on_unavailable
-        self.r = connect(url)
-        self._admit = self.r.register_script(ADMIT)
-        self._reserve = self.r.register_script(RESERVE)
-        self._settle = self.r.register_script(SETTLE)
-        self._restore = self.r.register_script(RESTORE)
+        self.r = aioredis.Redis.from_url(
+            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
+        )
+        self._admit = self.r.register_script(ops.ADMIT)
+        self._reserve = self.r.register_script(ops.RESERVE)
+        self._settle = self.r.register_script(ops.SETTLE)
+        self._used_script = self.r.register_script(ops.USED)
+        self._renew = self.r.register_script(ops.RENEW)
+        self._restore = self.r.register_script(ops.RESTORE)
         self._ids = itertools.count(int.from_bytes(os.urandom(6), "big") << 16)
         self.revision = -1  # the Redis kill-list revision applied; -1: never loaded
         self.redis_kills: tuple[Kill, ...] = ()
         self.down = False
-        self.on_kills: Callable[[], None] = lambda: None  # the loop re-installs the rules
-        self._pending_redis: dict[str, Kill] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="axme-fw-redis")
-        self.listen: list[str] = []
-        self._known_agents: set[str] = set()
-        self._fleet = Health()  # every replica's health, merged (the watcher refreshes it)
+        self.on_kills: Callable[[], None] = lambda: None  # the addon re-installs the rules
         self.on_store_event: Callable[[str, dict[str, Any]], None] = lambda e, f: audit(
             e, replica=replica, **f
         )
-        try:
-            self.revision, self.redis_kills = read_kills(self.r)  # before traffic
+        self._pending_redis: dict[str, Kill] = {}  # auto-kills not yet in Redis
+        self._holds: dict[int, Reservation] = {}  # open holds in Redis: leases to renew
+        self._local_holds: set[int] = set()  # held in memory while Redis was down
+        self._unsent: collections.deque[tuple[str, LimitSpec, float, float, int]] = (
+            collections.deque(maxlen=MAX_UNSENT)
+        )
+        self._used: dict[tuple[str, str, float], float] = {}  # shown spend, per beat
+        self._known_agents: set[str] = set()
+        self._fleet = Health()  # every replica's health, merged (refreshed per beat)
+        self._published = "{}"
+        self.listen: list[str] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()
+        try:  # blocking, before traffic: a replica serves nothing before it knows the kills
+            with ops.connect(url, TIMEOUT) as r:
+                self.revision, self.redis_kills = ops.read_kills(r)
         except redis.RedisError as exc:
             # A warning: an ERROR at start-up makes mitmproxy exit, and a replica must
             # wait for Redis (not ready, serving nothing) rather than crash-loop.
-            log.warning("axme-fw: Redis %s unreachable at start: %s", redact(url), exc)
+            log.warning("axme-fw: Redis %s unreachable at start: %s", ops.redact(url), exc)
             self.down = True
 
     def ready(self) -> bool:
@@ -294,105 +125,125 @@ class RedisStore(LocalStore):
 
     # ------------------------------------------------------------ limits and spend
 
-    def _unavailable(self, exc: Exception) -> bool:
-        """True: count locally; else raise StoreUnavailable (refuse)."""
-        self._mark_down(exc)
+    def _fallback(self, exc: BaseException | None) -> bool:
+        """Redis cannot answer: True to count in memory (``local``); else StoreUnavailable."""
+        if exc is not None:
+            self._mark_down(exc)
         if self._on_unavailable() == "local":
             return True
-        raise StoreUnavailable(str(exc)) from None
+        why = str(exc) if exc is not None else "unreachable; reconnecting"
+        raise StoreUnavailable(why or type(exc).__name__)
 
-    def _keys(self, agent: str, key: str) -> tuple[str, str]:
-        return f"{P}w:{agent}:{key}", f"{P}h:{agent}:{key}"
-
-    def admit(
+    async def admit(
         self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
     ) -> Exceeded | None:
-        keep: dict[str, float] = {}
-        for s in specs:
-            keep[s.key] = max(keep.get(s.key, 0.0), s.per)
-        keys: list[str] = []
-        args: list[Any] = [now, amount, f"{next(self._ids)}"]
-        recorded: set[str] = set()
-        for s in specs:
-            keys += self._keys(agent, s.key)
-            first = s.key not in recorded
-            recorded.add(s.key)
-            args += [s.max, s.per, keep[s.key] if first else ""]
-        try:
-            got = self._admit(keys=keys, args=args)
-        except redis.RedisError as exc:
-            if self._unavailable(exc):
-                return super().admit(agent, specs, now, amount)
-            raise  # pragma: no cover - _unavailable raised
-        self._up()
-        if int(got[0]) == 0:
-            self.r_agents_add(agent)
-            return None
-        spec = specs[int(got[0]) - 1]
-        return Exceeded(spec, float(got[1]), max(0.0, float(got[2])))
+        if not self.down:
+            keys: list[str] = []
+            args: list[Any] = [now, amount, next(self._ids)]
+            recorded: set[str] = set()
+            for s in specs:
+                keys += ops.window_keys(agent, s.key)
+                args += [s.max, s.per, 0 if s.key in recorded else 1]
+                recorded.add(s.key)
+            try:
+                got = await self._admit(keys=keys, args=args)
+            except FAULTS as exc:
+                self._fallback(exc)
+            else:
+                self._known_agents.add(agent)
+                if int(got[0]) == 0:
+                    return None
+                return Exceeded(specs[int(got[0]) - 1], float(got[1]), max(0.0, float(got[2])))
+        else:
+            self._fallback(None)
+        return self.admit_here(agent, specs, now, amount)
 
-    def reserve(
+    async def reserve(
         self, agent: str, spec: LimitSpec, amount: float, now: float
     ) -> Reservation | Exceeded:
-        res = Reservation(next(self._ids), agent, spec, amount)
-        ev, hk = self._keys(agent, spec.key)
-        args = [now, amount, spec.max, spec.per, res.id, RESERVATION_TTL]
-        try:
-            got = self._reserve(keys=[ev, hk], args=args)
-        except redis.RedisError as exc:
-            if self._unavailable(exc):
-                return super().reserve(agent, spec, amount, now)
-            raise  # pragma: no cover
-        self._up()
-        if int(got[0]) == 0:
-            return Exceeded(spec, float(got[1]), max(0.0, float(got[2])))
-        self.r_agents_add(agent)
-        return res
+        if not self.down:
+            res = Reservation(next(self._ids), agent, spec, amount)
+            args = [now, amount, spec.max, spec.per, res.id, ops.HOLD_LEASE]
+            try:
+                got = await self._reserve(keys=ops.window_keys(agent, spec.key), args=args)
+            except FAULTS as exc:
+                self._fallback(exc)
+            else:
+                self._known_agents.add(agent)
+                if int(got[0]) == 0:
+                    return Exceeded(spec, float(got[1]), max(0.0, float(got[2])))
+                self._holds[res.id] = res
+                return res
+        else:
+            self._fallback(None)
+        held = self.windows.reserve(agent, spec, amount, now)
+        if isinstance(held, Reservation):
+            self._local_holds.add(held.id)
+        return held
 
-    def settle(self, reservation: Reservation, actual: float, now: float) -> None:
-        ev, hk = self._keys(reservation.agent, reservation.spec.key)
-        ok = math.isfinite(actual) and actual >= 0
-        args = [now, reservation.id, actual if ok else reservation.amount]
-        try:
-            self._settle(keys=[ev, hk], args=[*args, reservation.spec.per])
-        except redis.RedisError as exc:
-            self._mark_down(exc)
-            super().settle(reservation, actual, now)  # charged here: spend is never lost
+    async def settle(
+        self,
+        agent: str,
+        spec: LimitSpec,
+        actual: float,
+        now: float,
+        reservation: Reservation | None = None,
+    ) -> Spent:
+        if not (math.isfinite(actual) and actual >= 0):
+            actual = reservation.amount if reservation is not None else 0.0
+        here = None
+        if reservation is not None and reservation.id in self._local_holds:
+            # Held in memory while Redis was down: settled here, charged to Redis below.
+            self._local_holds.discard(reservation.id)
+            here = self.settle_here(agent, spec, actual, now, reservation)
+            reservation = None
+        if reservation is not None:
+            self._holds.pop(reservation.id, None)
+        rid = reservation.id if reservation is not None else next(self._ids)
         self._changed()
+        if not self.down:
+            try:
+                return await self._send_settle(agent, spec, actual, now, rid)
+            except FAULTS as exc:
+                self._mark_down(exc)
+        self._unsent.append((agent, spec, actual, now, rid))  # sent once Redis is back
+        return here if here is not None else self.settle_here(agent, spec, actual, now)
+
+    async def _send_settle(
+        self, agent: str, spec: LimitSpec, actual: float, now: float, rid: int
+    ) -> Spent:
+        ev, st, hk = ops.window_keys(agent, spec.key)
+        warned = f"{ops.P}warned:{agent}:{spec.key}"
+        level = spec.warn_at * spec.max if spec.warn_at is not None else -1
+        args = [now, rid, actual, spec.per, level]
+        got = await self._settle(keys=[ev, st, hk, warned], args=args)
+        used = float(got[0])
+        self._used[(agent, spec.key, spec.per)] = used
+        return Spent(used, bool(int(got[1])))
 
     def release(self, reservation: Reservation) -> None:
-        ev, hk = self._keys(reservation.agent, reservation.spec.key)
-        try:
-            self._settle(keys=[ev, hk], args=[time.time(), reservation.id, 0, 0])
-        except redis.RedisError as exc:
-            self._mark_down(exc)
-        super().release(reservation)
+        if reservation.id in self._local_holds:
+            self._local_holds.discard(reservation.id)
+            self.windows.release(reservation)
+            return
+        if self._holds.pop(reservation.id, None) is None:
+            return
+        hk = ops.window_keys(reservation.agent, reservation.spec.key)[2]
+        spawn(self._quiet(self.r.hdel(hk, str(reservation.id))), "releasing a hold")
 
     def used(self, agent: str, key: str, per: float, now: float) -> float:
-        try:
-            events: list[str] = self.r.zrangebyscore(  # type: ignore[assignment]
-                self._keys(agent, key)[0], f"({now - per}", "+inf"
-            )
-        except redis.RedisError:
-            return super().used(agent, key, per, now)
-        return float(sum(float(m.rsplit(":", 1)[1]) for m in events))
+        """As read from Redis at the last beat or settlement (status is for people)."""
+        got = self._used.get((agent, key, per))
+        if got is None:
+            self._used[(agent, key, per)] = 0.0  # read at the next beat
+            return self.windows.used(agent, key, per, now)
+        return got
 
-    def warn_crossed(self, agent: str, spec: LimitSpec, now: float) -> bool:
-        if spec.warn_at is None:
-            return False
-        flag = f"{P}warned:{agent}:{spec.key}"
-        try:
-            if self.used(agent, spec.key, spec.per, now) < spec.warn_at * spec.max:
-                self.r.delete(flag)
-                return False
-            return bool(self.r.set(flag, "1", nx=True, ex=int(spec.per) + 1))
-        except redis.RedisError:
-            return False
-
-    def r_agents_add(self, agent: str) -> None:
-        if agent not in self._known_agents:
-            self._known_agents.add(agent)
-            self._io.submit(self._quiet, self.r.sadd, P + "agents", agent)
+    async def read_used(self, asked: list[tuple[str, str, float]], now: float) -> list[float]:
+        """Recorded use of each (agent, key, per) window, read from Redis in one call."""
+        keys = [k for a, key, _per in asked for k in ops.window_keys(a, key)[:2]]
+        got = await self._used_script(keys=keys, args=[now, *[per for *_, per in asked]])
+        return [float(x) for x in got]
 
     def agents(self) -> list[str]:
         return sorted(self._known_agents | set(super().agents()))
@@ -407,160 +258,209 @@ class RedisStore(LocalStore):
         return (*self._pending_redis.values(), *self.redis_kills, *super().kills(rules))
 
     def kill(self, kill: Kill) -> None:
-        """An auto-kill: held here at once, written to Redis for every replica (retried
-        until written), and to kill.yaml when Redis cannot be reached."""
+        """An auto-kill: held here at once, written to Redis for every replica, and to
+        kill.yaml when Redis cannot take it."""
         self._pending_redis[kill.agent] = kill
+        spawn(self._share_kill(kill), f"sharing the auto-kill of {kill.agent}")
 
-        local = super().kill
+    async def _share_kill(self, kill: Kill) -> None:
+        if self.down:
+            super().kill(kill)  # kill.yaml now; Redis when it is back (_reconnected)
+            return
+        try:
+            async with self.r.pipeline(transaction=True) as p:
+                p.hset(ops.KILLS, kill.agent, ops.kill_json(kill))
+                p.incr(ops.REVISION)
+                rev = (await p.execute())[-1]
+            await self.r.publish(ops.CHANNEL, str(rev))
+        except FAULTS as exc:
+            log.error("axme-fw: auto-kill of %s not in Redis (%s): kill.yaml", kill.agent, exc)
+            self._mark_down(exc)
+            super().kill(kill)
 
-        def write() -> None:
-            try:
-                write_kill(self.r, kill.agent, kill)
-            except redis.RedisError as exc:
-                log.error("axme-fw: auto-kill of %s not in Redis (%s): kill.yaml", kill.agent, exc)
-                if self.loop is not None:
-                    self.loop.call_soon_threadsafe(local, kill)
-
-        self._io.submit(write)
+    def ack(self, enforced: Any) -> None:
+        super().ack({**dict(enforced), "redis_revision": self.revision, "replica": self.replica})
+        listen = list(enforced.get("listen") or [])
+        if listen != self.listen:
+            self.listen = listen
+            self._woken.set()  # beat now: status shows where this replica listens
+        if self.revision >= 0 and self.loop is not None:
+            ack = self.r.hset(ops.ACKS, self.replica, self.revision)
+            spawn(self._quiet(ack), "acknowledging the kill list")
 
     # ------------------------------------------------------------ health, fleet-wide
 
     def publish_live(self, live: Any) -> None:
-        """Also share this replica's health, so staleness and status see the fleet."""
+        """Also share this replica's health and limits: status and staleness see the fleet."""
         super().publish_live(live)
-        health = json.dumps(live.get("health") or {})
-        key = P + "health:" + self.replica
-        self._io.submit(self._quiet, functools.partial(self.r.set, key, health, ex=30))
+        shared = {"health": live.get("health") or {}, "limits": live.get("limits") or {}}
+        self._published = json.dumps({**shared, "replica": self.replica, "at": time.time()})
 
     def sweep(self, now: float, stale_after: Callable[[str], float]) -> list[str]:
-        """Agents stale for the whole fleet, each reported by one replica only (the one
-        that sets ``axfw:stale:AGENT`` first)."""
-        out = []
-        for agent in super().sweep(now, stale_after):
-            seen = self._fleet.agents.get(agent)
-            if seen is not None and now - seen.last < stale_after(agent):
-                continue  # another replica sees it: not stale for the fleet
-            try:
-                if self.r.set(f"{P}stale:{agent}", self.replica, nx=True, ex=7 * 86400):
-                    out.append(agent)
-            except redis.RedisError:
-                out.append(agent)  # cannot agree: better one alert per replica than none
-        return out
+        """Agents this replica stopped seeing, unless another replica saw them lately."""
+        return [
+            agent
+            for agent in super().sweep(now, stale_after)
+            if (seen := self._fleet.agents.get(agent)) is None
+            or now - seen.last >= stale_after(agent)
+        ]
 
-    def saw(self, agent: str, instance: str, now: float) -> bool:
-        """True (alert ``agent.recovered``) on one replica only: the one that clears the
-        fleet's stale mark."""
-        if not super().saw(agent, instance, now):
-            return False
+    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
+        """Stale: reported by the replica that sets ``stale:AGENT`` first. Recovered: by the
+        one that clears it. Once for the fleet."""
+        spawn(self._claim(event, agent, then), f"reporting {event} for {agent}")
+
+    async def _claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
+        key = f"{ops.P}stale:{agent}"
         try:
-            return bool(self.r.delete(f"{P}stale:{agent}"))
-        except redis.RedisError:
-            return True
+            if event == "agent.stale":
+                mine = bool(await self.r.set(key, self.replica, nx=True, ex=7 * 86400))
+            else:
+                mine = bool(await self.r.delete(key))
+        except FAULTS:
+            mine = True  # cannot agree: better one report per replica than none
+        if mine:
+            then()
 
-    def _read_fleet(self) -> None:
-        """In the watcher thread: every replica's published health, merged."""
-        snaps = []
-        for key in self.r.scan_iter(P + "health:*", count=500):
-            raw = self.r.get(key)
-            if raw:
-                snaps.append(json.loads(raw))
-        self._fleet = merge_health(snaps)
-
-    def ack(self, enforced: Any) -> None:
-        super().ack({**dict(enforced), "redis_revision": self.revision, "replica": self.replica})
-        self.listen = list(enforced.get("listen") or [])
-        if self.revision >= 0:
-            self._io.submit(self._quiet, self.r.hset, ACKS, self.replica, self.revision)
-
-    @staticmethod
-    def _quiet(call: Callable[..., Any], *args: Any) -> None:
-        with contextlib.suppress(redis.RedisError):  # the watcher reports outages
-            call(*args)
-
-    # ------------------------------------------------------------ the watcher thread
+    # ------------------------------------------------------------ the watcher
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         super().start(loop)
-        self._thread = threading.Thread(target=self._watch, name="axme-fw-redis-watch", daemon=True)
-        self._thread.start()
+        self._watcher = loop.create_task(self._watch())
 
-    def _watch(self) -> None:
-        sub = None
+    async def _watch(self) -> None:
+        """Subscribe, re-read the kill list (before anything else after a reconnect), then
+        per message and per beat; on a fault mark down and reconnect."""
+        sub: Any = None
         last_beat = 0.0
-        while not self._stop.is_set():
+        while True:
             try:
                 if sub is None:
-                    sub = connect(self.url, timeout=2.0).pubsub(ignore_subscribe_messages=True)
-                    sub.subscribe(CHANNEL)
-                    self._refresh()
-                if time.monotonic() - last_beat >= 1.0:
+                    sub = self.r.pubsub(ignore_subscribe_messages=True)
+                    await sub.subscribe(ops.CHANNEL)
+                    await self._reconnected()
+                elif self.down:  # a decision call failed, the watcher's link did not
+                    await self._reconnected()
+                if time.monotonic() - last_beat >= BEAT or self._woken.is_set():
+                    self._woken.clear()
                     last_beat = time.monotonic()
-                    beat = {"listen": self.listen, "pid": os.getpid(), "at": time.time()}
-                    self.r.set(P + "replica:" + self.replica, json.dumps(beat), ex=HEARTBEAT_TTL)
-                    self._refresh()  # the backstop for a missed message
-                    self._read_fleet()
-                if sub.get_message(timeout=0.2) is not None:
-                    self._refresh()
-            except (redis.RedisError, OSError) as exc:
+                    await self._beat()
+                    await self._sync()
+                message = await sub.get_message(timeout=0.2)
+                if message is not None:
+                    await self._sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a fault (or a bug): never let the watcher die
+                if not isinstance(exc, FAULTS):
+                    log.exception("axme-fw: Redis watcher failed; restarting it")
                 self._mark_down(exc)
                 if sub is not None:
                     with contextlib.suppress(Exception):
-                        sub.close()
+                        await sub.aclose()
                 sub = None
-                self._stop.wait(0.5)
+                await asyncio.sleep(0.5)
 
-    def _refresh(self) -> None:
-        rev, kills = read_kills(self.r)
-        known, revision = self.redis_kills, self.revision
-        if rev < revision:
-            # Redis lost the list (restarted without persistence): put back what this
-            # replica enforces. Never a resume by omission; a later resume still works.
-            args: list[Any] = [revision]
-            for k in known:
-                args += [k.agent, kill_json(k)]
-            self._restore(keys=[KILLS, REVISION], args=args)
-            rev, kills = read_kills(self.r)
-            self._say("store.restored", revision=rev, kills=len(known))
+    async def _reconnected(self) -> None:
+        """The kill list first; only then do decisions use Redis again. Then what waited:
+        auto-kills Redis could not take, and spend settled while it was down."""
+        await self._sync()
         self._up()
-        if rev != self.revision and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._apply, rev, kills)
+        for kill in list(self._pending_redis.values()):
+            if kill not in self.redis_kills:
+                await self._share_kill(kill)
+        while self._unsent and not self.down:
+            agent, spec, actual, now, rid = self._unsent[0]
+            await self._send_settle(agent, spec, actual, now, rid)
+            self._unsent.popleft()
 
-    def _apply(self, rev: int, kills: tuple[Kill, ...]) -> None:
+    async def _sync(self) -> None:
+        """Read the kill list; put it back if Redis lost it; apply it if it moved on."""
+        async with self.r.pipeline(transaction=True) as p:
+            p.get(ops.REVISION)
+            p.hgetall(ops.KILLS)
+            rev, kills = _kills_of(await p.execute())
         if rev < self.revision:
-            return  # older than what is enforced: a later read brings the current list
-        self.revision, self.redis_kills = rev, kills
-        self.on_kills()
+            args: list[Any] = [self.revision]
+            for k in self.redis_kills:
+                args += [k.agent, ops.kill_json(k)]
+            await self._restore(keys=[ops.KILLS, ops.REVISION], args=args)
+            self._say("store.restored", revision=self.revision + 1, kills=len(self.redis_kills))
+            return await self._sync()
+        if rev != self.revision:
+            self.revision, self.redis_kills = rev, kills
+            self.on_kills()
 
-    def _mark_down(self, exc: Exception) -> None:
+    async def _beat(self) -> None:
+        """Heartbeat and published view, lease renewal, the spend this replica shows."""
+        beat = {"listen": self.listen, "pid": os.getpid(), "at": time.time()}
+        async with self.r.pipeline(transaction=False) as p:
+            p.set(ops.P + "replica:" + self.replica, json.dumps(beat), ex=ops.HEARTBEAT_TTL)
+            p.set(ops.P + "health:" + self.replica, self._published, ex=30)
+            await p.execute()
+        if self._holds:
+            holds = list(self._holds.values())
+            keys = [ops.window_keys(h.agent, h.spec.key)[2] for h in holds]
+            args: list[Any] = [time.time() + ops.HOLD_LEASE]
+            for h in holds:
+                args += [h.id, h.amount]
+            await self._renew(keys=keys, args=args)
+        if self._used:
+            asked = list(self._used)
+            got = await self.read_used(asked, time.time())
+            before = dict(self._used)
+            self._used.update(zip(asked, got, strict=True))
+            if self._used != before:
+                self.on_change()
+        await self._read_fleet()
+
+    async def _read_fleet(self) -> None:
+        keys = [k async for k in self.r.scan_iter(ops.P + "health:*", count=500)]
+        raws = await self.r.mget(keys) if keys else []
+        snaps = [json.loads(raw).get("health") or {} for raw in raws if raw]
+        self._fleet = merge_health(snaps)
+
+    # ------------------------------------------------------------ faults
+
+    def _mark_down(self, exc: BaseException) -> None:
         if not self.down:
             self.down = True
-            log.error("axme-fw: Redis %s unreachable: %s", redact(self.url), exc)
-            self._say("store.down", error=str(exc)[:200])
+            log.error("axme-fw: Redis %s unreachable: %s", ops.redact(self.url), exc)
+            self._say("store.down", error=(str(exc) or type(exc).__name__)[:200])
 
     def _up(self) -> None:
         if self.down:
             self.down = False
-            log.info("axme-fw: Redis %s reachable again", redact(self.url))
+            log.info("axme-fw: Redis %s reachable again", ops.redact(self.url))
             self._say("store.up")
 
     def _say(self, event: str, **fields: Any) -> None:
-        """Audit and alert, once per change, from any thread."""
-        loop = self.loop
-        if loop is not None:
-            loop.call_soon_threadsafe(lambda: self.on_store_event(event, fields))
-        else:
-            self._audit(event, replica=self.replica, **fields)
+        self.on_store_event(event, fields)
+
+    @staticmethod
+    async def _quiet(call: Any) -> None:
+        with contextlib.suppress(*FAULTS):  # the watcher reports outages
+            await call
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2.0)
-        self._io.shutdown(wait=True)
+        """Shutdown (blocking): leave the fleet at once (no 5 s wait for the heartbeat to
+        expire), then LocalStore's clean copy."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         try:
-            self.r.hdel(ACKS, self.replica)
-            self.r.delete(P + "replica:" + self.replica)
+            with ops.connect(self.url, TIMEOUT) as r:
+                r.hdel(ops.ACKS, self.replica)
+                r.delete(ops.P + "replica:" + self.replica)
+                settle = r.register_script(ops.SETTLE)
+                while self._unsent:  # spend Redis has not seen yet: last chance
+                    agent, spec, actual, now, rid = self._unsent[0]
+                    ev, st, hk = ops.window_keys(agent, spec.key)
+                    warned = f"{ops.P}warned:{agent}:{spec.key}"
+                    settle(keys=[ev, st, hk, warned], args=[now, rid, actual, spec.per, -1])
+                    self._unsent.popleft()
         except redis.RedisError:
-            pass
+            if self._unsent:
+                log.error("axme-fw: %d settlements never reached Redis", len(self._unsent))
         super().close()
 
 
@@ -569,7 +469,7 @@ def for_proxy(fw: Firewall, url: str, state_dir: Path, rules_dir: Path) -> Redis
     shared kill list changes, and to audit and alert store outages."""
     from mitmproxy import ctx
 
-    replica = ctx.options.axme_replica_id or default_replica_id(ctx.options.listen_port)
+    replica = ctx.options.axme_replica_id or ops.default_replica_id(ctx.options.listen_port)
     store = RedisStore(
         url,
         replica,

@@ -1,6 +1,9 @@
 """State: the one interface to what proxy replicas must share, and its local implementation.
 
 The gate and the control side read and change shared state only through :class:`Store`.
+Decisions that may need the shared store (:meth:`Store.admit`, :meth:`Store.reserve`,
+:meth:`Store.settle`) are coroutines: a replica awaits Redis without blocking its loop,
+and every other flow goes on meanwhile. Everything else returns at once.
 :class:`LocalStore` is one process's truth: limit windows and health in memory (the
 hot path), their durable copy in TinyDB flushed off the loop, auto-kills recorded in
 ``rules/kill.yaml``, and what the proxy enforces published in ``state/enforced.json``.
@@ -18,7 +21,9 @@ What must be atomic across replicas (one Lua script each in a shared store):
 - :meth:`Store.kill`: one write with a new kill-list revision.
 
 Not atomic by design (last writer wins, read for people): health (``saw``/``sweep``),
-usage reads, :meth:`Store.ack` and the published snapshots.
+usage reads (:meth:`Store.used`: what the replica last read), :meth:`Store.ack` and the
+published snapshots. :meth:`Store.claim` makes one replica report a fleet-wide health
+change (stale, recovered) once.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import concurrent.futures
 import functools
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +43,7 @@ from . import killswitch, snapshot
 from .health import Health, Seen
 from .limits import Exceeded, LimitSpec, Reservation, Windows
 from .limits_series import assume_lost
-from .meter import Counters
+from .meter import Counters, Spent
 from .rules import atomic_write
 from .ruleset import Kill, Ruleset
 from .state import LIVE_FILE, Snapshots
@@ -57,8 +63,10 @@ class Store(Counters, Protocol):
     """Shared state, as the gate and the control side use it. All calls are made on the
     proxy's event loop and never block it."""
 
-    # limits and spend: the meter's Counters (admit, reserve, settle, release, used,
-    # warn_crossed), and
+    # limits and spend: the meter's Counters (reserve, settle, release, used), and
+    async def admit(
+        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
+    ) -> Exceeded | None: ...
     def agents(self) -> list[str]: ...
 
     # kill list and acknowledgements
@@ -70,6 +78,7 @@ class Store(Counters, Protocol):
     def saw(self, agent: str, instance: str, now: float) -> bool: ...
     def sweep(self, now: float, stale_after: Callable[[str], float]) -> list[str]: ...
     def reset_health(self, pattern_matches: Callable[[str], bool], now: float) -> None: ...
+    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None: ...
     def seen(self, agent: str) -> Seen | None: ...
     def health_state(self, agent: str, kill_mode: str | None) -> str: ...
     def health_snapshot(self) -> dict[str, Any]: ...
@@ -127,23 +136,52 @@ class LocalStore:
 
     # ------------------------------------------------------------ limits and spend
 
-    def admit(
+    async def admit(
         self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
     ) -> Exceeded | None:
+        return self.admit_here(agent, specs, now, amount)
+
+    def admit_here(
+        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
+    ) -> Exceeded | None:
+        """:meth:`admit` in this process's memory."""
         ex = self.windows.admit(agent, specs, now, amount)
         if ex is None:
             # Action limits (deploys) are rare and costly: make them durable at once.
             self._changed(urgent=any(s.key.startswith("actions.") for s in specs))
         return ex
 
-    def reserve(
+    async def reserve(
         self, agent: str, spec: LimitSpec, amount: float, now: float
     ) -> Reservation | Exceeded:
         return self.windows.reserve(agent, spec, amount, now)
 
-    def settle(self, reservation: Reservation, actual: float, now: float) -> None:
-        self.windows.settle(reservation, actual, now)
+    async def settle(
+        self,
+        agent: str,
+        spec: LimitSpec,
+        actual: float,
+        now: float,
+        reservation: Reservation | None = None,
+    ) -> Spent:
+        return self.settle_here(agent, spec, actual, now, reservation)
+
+    def settle_here(
+        self,
+        agent: str,
+        spec: LimitSpec,
+        actual: float,
+        now: float,
+        reservation: Reservation | None = None,
+    ) -> Spent:
+        """:meth:`settle` in this process's memory."""
+        if reservation is not None:
+            self.windows.settle(reservation, actual, now)
+        elif math.isfinite(actual) and actual > 0:
+            self.windows.admit(agent, [spec], now, actual)
         self._changed()
+        used = self.windows.used(agent, spec.key, spec.per, now)
+        return Spent(used, self.windows.warn_crossed(agent, spec, now))
 
     def release(self, reservation: Reservation) -> None:
         self.windows.release(reservation)
@@ -151,9 +189,6 @@ class LocalStore:
 
     def used(self, agent: str, key: str, per: float, now: float) -> float:
         return self.windows.used(agent, key, per, now)
-
-    def warn_crossed(self, agent: str, spec: LimitSpec, now: float) -> bool:
-        return self.windows.warn_crossed(agent, spec, now)
 
     def agents(self) -> list[str]:
         return self.windows.agents()
@@ -236,6 +271,11 @@ class LocalStore:
             if pattern_matches(agent):
                 self.health.reset(agent, now)
 
+    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
+        """Run ``then`` if this process is the one to report ``event`` (``agent.stale``,
+        ``agent.recovered``) for ``agent``: alone, it always is."""
+        then()
+
     def seen(self, agent: str) -> Seen | None:
         return self.health.agents.get(agent)
 
@@ -293,7 +333,11 @@ class LocalStore:
         self.files.close()
 
     def close(self) -> None:
-        """Pending writes first, then a clean copy (blocking: shutdown only)."""
+        """Pending writes first, then a clean copy (blocking: shutdown only). Nothing is
+        scheduled after this (the loop may still turn while mitmproxy stops)."""
+        self.loop = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
         self.writer.shutdown(wait=True)
         self.files.save("windows", {**self.windows.snapshot(), "clean": True})
         self.files.save("health", self.health.snapshot())

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from axme_fw.canonical import Request
 from axme_fw.cost import ApiKind
-from axme_fw.gate import CONTROL_HOST, Do, Gate
+from axme_fw.gate import CONTROL_HOST, Do, Gate, Outcome
+from axme_fw.limits import Exceeded, LimitSpec
 from axme_fw.rules import load_dir
 from axme_fw.store import LocalStore
 from tests.rig import agents_yaml
@@ -68,6 +71,15 @@ def req(
 
 KILL = "kills: [{agent: killed, reason: runaway, by: 'cli:alice'}]\n"
 
+
+def decide(gate: Gate, request: Request) -> Outcome:
+    """What the hook does: steps 1-5 and 7, then step 6 awaited when it is due."""
+    out = gate.request(request)
+    if out.limits is not None:
+        asyncio.run(gate.limit(out, NOW))
+    return out
+
+
 # (name, request, (do, status, reason))
 TABLE = [
     ("allowed", req(), (Do.FORWARD, 0, "ok")),
@@ -108,21 +120,21 @@ def test_pipeline_table(
     tmp_path: Path, name: str, request_: Request, expected: tuple[Do, int, str]
 ) -> None:
     gate = make(tmp_path, kills=KILL)
-    out = gate.request(request_, NOW)
+    out = decide(gate, request_)
     assert (out.do, out.status, out.decision.reason) == expected, out
 
 
 def test_two_credentials_are_none(tmp_path: Path) -> None:
     gate = make(tmp_path)
     r = Request(auth("bot", "t0k"), True, None, "GET", "api.example.com", 443, "/x")
-    out = gate.request(r, NOW)
+    out = decide(gate, r)
     assert (out.do, out.status, out.decision.reason) == (Do.REFUSE, 407, "auth_required")
 
 
 def test_admin_listener_is_control_forbidden_whatever_the_allow_list(tmp_path: Path) -> None:
     gate = make(tmp_path)
     gate.admin_targets = frozenset({("api.example.com", 443)})
-    out = gate.request(req(), NOW)
+    out = decide(gate, req())
     assert (out.do, out.decision.reason, out.decision.agent) == (
         Do.REFUSE,
         "control_forbidden",
@@ -132,7 +144,7 @@ def test_admin_listener_is_control_forbidden_whatever_the_allow_list(tmp_path: P
 
 def test_path_is_forwarded_canonical_and_host_in_its_one_spelling(tmp_path: Path) -> None:
     gate = make(tmp_path)
-    out = gate.request(req(host="API.example.com.", target="/a/./b/../x"), NOW)
+    out = decide(gate, req(host="API.example.com.", target="/a/./b/../x"))
     assert out.do is Do.FORWARD
     assert (out.path, out.host) == ("/a/x", "api.example.com")
 
@@ -141,8 +153,8 @@ def test_the_fourth_deploy_is_refused_and_kills_the_agent(tmp_path: Path) -> Non
     gate = make(tmp_path)
     deploy = req("deployer", "d3p", "POST", "deploy.example.com", "/v1/deploy")
     for _ in range(3):
-        assert gate.request(deploy, NOW).do is Do.FORWARD
-    out = gate.request(deploy, NOW)
+        assert decide(gate, deploy).do is Do.FORWARD
+    out = decide(gate, deploy)
     assert (out.do, out.status, out.decision.reason) == (Do.REFUSE, 403, "limit_exceeded")
     assert out.fx.auto_kill is not None
     assert (out.fx.auto_kill.agent, out.fx.auto_kill.mode) == ("deployer", "block")
@@ -152,8 +164,8 @@ def test_the_fourth_deploy_is_refused_and_kills_the_agent(tmp_path: Path) -> Non
 def test_a_throttled_request_gets_429_with_retry_after_and_no_kill(tmp_path: Path) -> None:
     gate = make(tmp_path)
     chatty = req("chatty", "ch4")
-    assert [gate.request(chatty, NOW).do for _ in range(2)] == [Do.FORWARD] * 2
-    out = gate.request(chatty, NOW)
+    assert [decide(gate, chatty).do for _ in range(2)] == [Do.FORWARD] * 2
+    out = decide(gate, chatty)
     assert (out.do, out.status) == (Do.REFUSE, 429)
     assert out.headers is not None and int(out.headers["Retry-After"]) > 0
     assert out.fx.auto_kill is None
@@ -162,22 +174,20 @@ def test_a_throttled_request_gets_429_with_retry_after_and_no_kill(tmp_path: Pat
 
 def test_report_mode_forwards_refusals_as_would_records_but_never_a_kill(tmp_path: Path) -> None:
     gate = make(tmp_path, mode="report", kills=KILL)
-    out = gate.request(req(host="evil.example.com"), NOW)
+    out = decide(gate, req(host="evil.example.com"))
     assert out.do is Do.FORWARD
     assert [(d.reason, would) for d, would in out.fx.records] == [("action_not_allowed", True)]
-    killed = gate.request(req("killed", "k1l"), NOW)
+    killed = decide(gate, req("killed", "k1l"))
     assert (killed.do, killed.decision.reason) == (Do.REFUSE, "agent_killed")
-    odd = gate.request(req(target="/a%2fb"), NOW)  # no "would" for a path meaning two things
+    odd = decide(gate, req(target="/a%2fb"))  # no "would" for a path meaning two things
     assert odd.do is Do.REFUSE
 
 
 def test_llm_calls_are_marked_and_unpriced_ceilings_refused(tmp_path: Path) -> None:
     gate = make(tmp_path)
-    out = gate.request(
-        req(method="POST", host="api.openai.com", target="/v1/chat/completions"), NOW
-    )
+    out = decide(gate, req(method="POST", host="api.openai.com", target="/v1/chat/completions"))
     assert (out.do, out.llm) == (Do.FORWARD, ApiKind.OPENAI_CHAT)
-    call = gate.reserve("bot", ApiKind.OPENAI_CHAT, "/v1/chat/completions", b"{}", NOW)
+    call = asyncio.run(gate.reserve("bot", ApiKind.OPENAI_CHAT, "/v1/chat/completions", b"{}", NOW))
     assert not hasattr(call, "do")  # no ceiling: reserved (tracked), not refused
 
 
@@ -187,3 +197,25 @@ def test_a_killed_agents_tunnel_opens_unless_it_passes_through(tmp_path: Path) -
     assert gate.connect(connect, lambda h, p: False).do is Do.OPEN
     passed = gate.connect(connect, lambda h, p: True)
     assert (passed.do, passed.status) == (Do.REFUSE, 403)
+
+
+def test_a_kill_installed_while_the_store_answers_wins_over_the_limits(tmp_path: Path) -> None:
+    """Step 6 awaits the store (Redis, for replicas); a kill that lands meanwhile refuses
+    the request the store has just admitted: nothing the new rules refuse goes on."""
+    gate = make(tmp_path)
+    rules = tmp_path / "rules"
+    (rules / "kill.yaml").write_text("kills: [{agent: deployer, reason: stop, by: 'cli:bob'}]\n")
+    killed = load_dir(rules)
+    store = gate.store
+    admit = store.admit
+
+    async def slow_admit(
+        agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
+    ) -> Exceeded | None:
+        gate.install(killed)  # what the watcher does when a kill arrives mid-call
+        return await admit(agent, specs, now, amount)
+
+    store.admit = slow_admit  # type: ignore[method-assign]
+    out = decide(gate, req("deployer", "d3p", "POST", "deploy.example.com", "/v1/deploy"))
+    assert (out.do, out.status, out.decision.reason) == (Do.REFUSE, 403, "agent_killed")
+    assert out.decision.detail == "stop"
