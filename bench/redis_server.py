@@ -1,18 +1,18 @@
-"""Shared rig: the bench's own redis-server (loopback, free port, no persistence) and its
-command counters, for the sections whose firewalls share state through ``--redis``."""
+"""Shared rig: the bench's own redis-server (loopback, free port, no persistence), for the
+sections whose firewalls share state through ``--redis``, and a MONITOR that counts the
+commands it runs."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from .common import HOST, free_port, wait_until
 from .rig import Rig
-
-# Commands the bench itself sends to read the counters (not the firewall's).
-OWN = frozenset({"info", "ping", "config|resetstat", "config"})
 
 
 @dataclass
@@ -26,16 +26,6 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
-
-    def commands(self) -> dict[str, int]:
-        """Calls per command so far (``INFO commandstats``), less the bench's own reads."""
-        stats: dict[str, Any] = self.client.info("commandstats")
-        out: dict[str, int] = {}
-        for key, value in stats.items():
-            name = key.removeprefix("cmdstat_")
-            if name not in OWN:
-                out[name] = int(value["calls"])
-        return out
 
 
 async def start_redis(rig: Rig, name: str) -> RedisServer | None:
@@ -63,7 +53,53 @@ async def start_redis(rig: Rig, name: str) -> RedisServer | None:
     return RedisServer(proc, port, client)
 
 
-def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """Calls per command between two :meth:`RedisServer.commands` readings (non-zero only)."""
-    out = {k: v - before.get(k, 0) for k, v in after.items()}
-    return {k: v for k, v in sorted(out.items()) if v}
+class Monitor:
+    """Every command the server runs while open (``MONITOR``), counted by source and name.
+
+    ``client``: sent by a client (one round trip each, except inside MULTI/EXEC);
+    ``lua``: run by a script (EVALSHA) inside the server, no round trip. :meth:`close`
+    fences with an ECHO of its own, so every command before it is counted.
+    """
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self._fence = "axme-bench-fence-" + os.urandom(4).hex()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def open(self) -> None:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(HOST, self.server.port, limit=2**24), 10
+        )
+        self._reader, self._writer = reader, writer
+        writer.write(b"MONITOR\r\n")
+        line = await asyncio.wait_for(reader.readline(), 10)
+        if not line.startswith(b"+OK"):
+            raise RuntimeError(f"MONITOR refused: {line!r}")
+
+    async def close(self, timeout: float = 30) -> Counter[tuple[str, str]]:
+        """Fence, read every line up to the fence, close; the counts."""
+        assert self._reader is not None and self._writer is not None
+        await asyncio.to_thread(self.server.client.echo, self._fence)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    line = (await self._reader.readline()).decode(errors="replace")
+                    if not line:
+                        raise RuntimeError("MONITOR connection closed")
+                    if self._fence in line:
+                        break
+                    self._count(line)
+        finally:
+            self._writer.close()
+        return self.counts
+
+    def _count(self, line: str) -> None:
+        # +1700000000.123456 [0 127.0.0.1:54321] "EVALSHA" "..." ...   ([0 lua] from scripts)
+        left, right = line.find("["), line.find("]")
+        if left < 0 or right < left:
+            return
+        source = line[left + 1 : right].split(" ", 1)[-1]
+        name = line[right + 1 :].strip().split(" ", 1)[0].strip('"').lower()
+        self.counts["lua" if source == "lua" else "client", name] += 1
