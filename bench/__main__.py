@@ -17,7 +17,18 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from . import decision, fleet, kill, park, reload, sse, throughput, upstream, workers
+from . import (
+    decision,
+    fleet,
+    kill,
+    park,
+    redis_cost,
+    reload,
+    sse,
+    throughput,
+    upstream,
+    workers,
+)
 from .common import FULL, QUICK, RESULTS_JSON, RESULTS_MD, ROOT
 from .report import fmt_row_values, machine_info, table_lines, write_json, write_markdown
 from .rig import Rig
@@ -31,6 +42,7 @@ SECTIONS: dict[str, Callable[[Rig], Awaitable[None]]] = {
     "decision": decision.run,
     "reload": reload.run,
     "fleet": fleet.run,
+    "redis": redis_cost.run,
 }
 HELPERS: dict[str, Callable[[list[str]], int]] = {
     "_upstream": upstream.main,

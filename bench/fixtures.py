@@ -27,6 +27,7 @@ class Cred:
 BENCH = Cred("bench", "bench-token-throughput")
 KILLER = Cred("killer", "bench-token-killer")
 PARKER = Cred("parker", "bench-token-parker")
+LIMITED = Cred("limited", "bench-token-limited")  # only in the firewalls of section redis
 
 
 def gen_token(i: int) -> str:
@@ -66,6 +67,15 @@ def write_rules(directory: Path, agents: int, actions: int, park_max: int) -> No
         )
     (directory / "bench-agents.yaml").write_text("\n".join(bench_lines) + "\n")
     write_agents_file(directory / "agents.yaml", agents - 3, actions, [])
+
+
+def agent_file(cred: Cred, limits: str = "") -> str:
+    """A rules file with one agent allowed [local]; ``limits``: a YAML flow mapping."""
+    lim = f", limits: {limits}" if limits else ""
+    return (
+        "version: 1\nagents:\n"
+        f"  {cred.agent}: {{token_sha256: {sha256_hex(cred.token)}, allow: [local]{lim}}}\n"
+    )
 
 
 def write_agents_file(path: Path, n: int, actions: int, extra: Sequence[Cred]) -> None:

@@ -8,36 +8,13 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from .common import FULL, MS, now_ns, pct, timed
+from .crowd import Crowd, seen_since
 from .fixtures import KILLER, kill_file_revision, write_kill_file
 from .report import Row, fmt_num
 from .rig import Rig
-
-
-@dataclass
-class Worker:
-    """One kill-worker process as its stdout reports it: status, since when, errors."""
-
-    proc: asyncio.subprocess.Process
-    status: int = 0
-    since: int = 0
-    errors: int = 0
-    history: list[tuple[int, int]] = field(default_factory=list)
-    error_ns: list[int] = field(default_factory=list)
-
-    def stopped_at(self, t0: int) -> int:
-        """When this instance was first stopped after ``t0``: a 403 or a cut connection."""
-        cut = [t for t in self.error_ns if t >= t0]
-        return min([self.since, *cut]) if cut else self.since
-
-
-def seen_since(status: int, since: int, w: Worker) -> bool:
-    """``w`` has had ``status`` since ``since`` (ns) or later."""
-    return w.status == status and w.since >= since
 
 
 async def run(rig: Rig) -> None:
@@ -45,51 +22,12 @@ async def run(rig: Rig) -> None:
     s = rig.sizes
     fw = await rig.firewall("fw", s.agents)
     assert fw.rules is not None
-    changed = asyncio.Condition()
-    workers: list[Worker] = []
+    crowd = Crowd(rig)
     seconds = 300 if s is FULL else 60
-
-    async def follow(w: Worker) -> None:
-        assert w.proc.stdout is not None
-        async for line in w.proc.stdout:
-            parts = line.split()
-            if parts and parts[0] == b"S":
-                w.status, w.since = int(parts[1]), int(parts[2])
-                w.history.append((w.status, w.since))
-            elif parts and parts[0] == b"E":
-                w.errors += 1
-                w.error_ns.append(int(parts[1]))
-            async with changed:
-                changed.notify_all()
-
-    async def wait_all(pred: Callable[[Worker], bool], timeout: float, what: str) -> None:
-        async with changed:
-            try:
-                await asyncio.wait_for(changed.wait_for(lambda: all(map(pred, workers))), timeout)
-            except TimeoutError:
-                states = [(w.status, w.errors) for w in workers]
-                raise TimeoutError(f"{what}: workers (status, errors) {states}") from None
-
-    followers = []
     try:
-        for _ in range(4):
-            proc = await rig.procs.helper(
-                "_killworker",
-                "--proxy-port",
-                str(fw.port),
-                "--up-port",
-                str(rig.up_http),
-                "--agent",
-                KILLER.agent,
-                "--token",
-                KILLER.token,
-                "--seconds",
-                str(seconds),
-                pipe_in=True,
-            )
-            w = Worker(proc)
-            workers.append(w)
-            followers.append(asyncio.ensure_future(follow(w)))
+        await crowd.start([fw] * 4, KILLER, seconds)
+        workers = crowd.workers
+        wait_all = crowd.wait_all
         await wait_all(lambda w: w.status == 200, 20, "workers to get through")
         results: dict[str, dict[str, list[float]]] = {}
         admin = "http://" + json.loads((fw.state / "enforced.json").read_text())["admin"]  # type: ignore[operator]
@@ -230,13 +168,7 @@ async def run(rig: Rig) -> None:
             )
         )
     finally:
-        for w in workers:
-            if w.proc.stdin is not None:
-                w.proc.stdin.close()
-        for w in workers:
-            await rig.procs.stop(w.proc)
-        for f in followers:
-            f.cancel()
+        await crowd.stop()
         if fw.rules is not None and kill_file_revision(fw.rules) > 0:
             write_kill_file(fw.rules, [])
 

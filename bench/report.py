@@ -195,6 +195,16 @@ def write_markdown(rig: Rig, info: dict[str, Any], args: argparse.Namespace, sec
         "- **Reload**: the 10,000-agent `agents.yaml` is rewritten beside itself and renamed "
         "over the original with one more agent; a client of that agent polls on a keep-alive "
         "connection until it gets 200.",
+        "- **Fleet**: a redis-server started by the bench (loopback, no persistence) and 3 "
+        "replicas (`--redis`); 4 kill workers of one agent send through r0, r1, r2, r0; API "
+        "kills (`POST /v1/kills` on r0) and CLI kills (`axme-fw --redis URL kill`, a new "
+        "Python process each time) alternate; each is undone by `DELETE /v1/kills/AGENT` on "
+        "r1 and every worker must get 200 again before the next.",
+        "- **Redis**: one firewall with `--redis` and one without (same rules), bare mitmdump "
+        "too, in rounds whose order reverses each round; ratios are medians over rounds. "
+        "Commands per request are counted with `MONITOR` (a client's commands apart from "
+        "those its Lua scripts run) over N sequential requests, less the replica's own "
+        "commands over an idle interval of the same length.",
         "",
     ]
     RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)

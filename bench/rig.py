@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,11 +235,20 @@ class Rig:
         self.proxies[name] = proxy
         return proxy
 
-    async def firewall(self, name: str, agents: int, extra: Sequence[str] = ()) -> Proxy:
+    async def firewall(
+        self,
+        name: str,
+        agents: int,
+        extra: Sequence[str] = (),
+        files: Mapping[str, str] | None = None,
+    ) -> Proxy:
+        """axme-fw with ``agents`` generated agents, plus ``files`` (name → YAML) in its rules."""
         if name in self.proxies:
             return self.proxies[name]
         rules, state = self.workdir / f"{name}-rules", self.workdir / f"{name}-state"
         write_rules(rules, agents, self.sizes.actions, park_max=self.sizes.park_flows + 100)
+        for fname, text in (files or {}).items():
+            (rules / fname).write_text(text)
         state.mkdir(exist_ok=True)
         log = self.workdir / f"{name}.log"
         t0 = time.monotonic()
