@@ -42,7 +42,7 @@ def redact(url: str) -> str:
 
 def text_for(event: str, fields: dict[str, Any]) -> str:
     """One line a person can read in Slack."""
-    agent = fields.get("agent", "?")
+    agent = fields.get("agent") or (f"replica {fields['replica']}" if "replica" in fields else "?")
     reason = fields.get("reason") or fields.get("detail") or ""
     by = f" by {fields['by']}" if fields.get("by") else ""
     tail = f": {reason}" if reason else ""

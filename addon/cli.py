@@ -84,7 +84,17 @@ def main(
       axme-fw --server https://fw.internal:8081 kill deployer   # from a laptop
     """
     ctx.obj = remote.client(server, token_file, cacert) if server else None
+    if redis_url:
+        _check_redis(redis_url)
     ctx.meta["axme_fw.redis"] = redis_url
+
+
+def _check_redis(url: str) -> None:
+    from .redis_ops import url_error
+
+    error = url_error(url)
+    if error is not None:
+        fail(error, 2)
 
 
 # ---------------------------------------------------------------- run
@@ -150,6 +160,8 @@ def run(
     from .runner import serve  # imports mitmproxy: only for this command
 
     load_rules(rules_dir)  # a readable error before mitmproxy starts
+    if redis_url:
+        _check_redis(redis_url)
     try:
         admin = parse_listen(admin_listen)
         check(admin, admin_cert or "", admin_key or "", admin_insecure)

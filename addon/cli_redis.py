@@ -20,14 +20,14 @@ def change(url: str, agent: str, mode: str | None, reason: str, by: str) -> None
     """Kill or pause ``agent`` (``mode``), or resume it (None), for every replica."""
     import redis
 
-    from .redis_ops import change_and_wait, connect, redact
+    from .redis_ops import change_and_wait, connect
 
     kill = None if mode is None else Kill(agent, mode, reason, by, now_iso())  # type: ignore[arg-type]
     verb = "resumed" if mode is None else ("paused" if mode == "park" else "killed")
     try:
         revision, live, behind, ms = change_and_wait(connect(url, 2.0), agent, kill, WAIT)
     except redis.RedisError as exc:
-        fail(f"cannot reach Redis at {redact(url)}: {exc}")
+        fail(unreachable(url, exc))
     done = len(live) - len(behind)
     if not live:
         fail(f"{verb} {agent} in Redis (revision {revision}), but no replica is running")
@@ -39,20 +39,31 @@ def change(url: str, agent: str, mode: str | None, reason: str, by: str) -> None
     click.echo(f"{verb} {agent}: enforced by {done}/{len(live)} replicas in {ms:.0f} ms")
 
 
+def unreachable(url: str, exc: Exception) -> str:
+    """One line for a Redis the CLI could not use: refused credentials said as such."""
+    import redis
+
+    from .redis_ops import redact
+
+    if isinstance(exc, redis.AuthenticationError):
+        return f"Redis at {redact(url)} refused the credentials in the URL: {exc}"
+    return f"cannot reach Redis at {redact(url)}: {exc}"
+
+
 def status(url: str, as_json: bool) -> None:
     """Every live replica: id, address, kill-list revision enforced, last heartbeat, in sync."""
     import json
 
     import redis
 
-    from .redis_ops import connect, read_kills, redact, replicas
+    from .redis_ops import connect, read_kills, replicas
 
     r = connect(url, timeout=2.0)
     try:
         revision, kills = read_kills(r)
         live = replicas(r)
     except redis.RedisError as exc:
-        fail(f"cannot reach Redis at {redact(url)}: {exc}")
+        fail(unreachable(url, exc))
     now = time.time()
     rows = [
         {
@@ -92,7 +103,8 @@ def status(url: str, as_json: bool) -> None:
 
 def _fleet_agents(r: Any, now: float) -> list[dict[str, Any]]:
     """Each agent as the whole fleet saw it (the replicas' published health, merged), and
-    its limits and spend as Redis holds them (from the replica that published last)."""
+    its limits (as the replica that published last has them) and their use, read from
+    Redis now."""
     from .health import merge
     from .redis_ops import published
 
@@ -101,6 +113,7 @@ def _fleet_agents(r: Any, now: float) -> list[dict[str, Any]]:
     limits: dict[str, list[dict[str, Any]]] = {}
     for snap in snaps:  # oldest first: the freshest rows win
         limits.update(snap.get("limits") or {})
+    _read_spend(r, limits, now)
     names = sorted(set(fleet.agents) | set(limits))
     out = []
     for agent in names:
@@ -115,3 +128,17 @@ def _fleet_agents(r: Any, now: float) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _read_spend(r: Any, limits: dict[str, list[dict[str, Any]]], now: float) -> None:
+    """Replace each row's ``used`` by the window's value in Redis at ``now`` (one call)."""
+    from .redis_ops import USED, window_keys
+
+    rows = [row for agent_rows in limits.values() for row in agent_rows]
+    asked = [(agent, row) for agent, agent_rows in limits.items() for row in agent_rows]
+    if not rows:
+        return
+    keys = [k for agent, row in asked for k in window_keys(agent, row["key"])[:2]]
+    got = r.register_script(USED)(keys=keys, args=[now, *[float(row["per"]) for row in rows]])
+    for row, used in zip(rows, got, strict=True):
+        row["used"] = float(used)

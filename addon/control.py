@@ -216,11 +216,17 @@ class KillEnforcer:
                     event = "agent.auto_killed"
                 else:
                     event = "agent.paused" if kill.mode == "park" else "agent.killed"
-                self._alert(event, agent=pattern, mode=kill.mode, reason=kill.reason, by=kill.by)
+                fields = {"mode": kill.mode, "reason": kill.reason, "by": kill.by}
+                self._alert_once(event, pattern, kill, fields)
         now = time.time()
         for pattern in before.keys() - after.keys():
-            self._alert("agent.resumed", agent=pattern, by=before[pattern].by)
+            self._alert_once("agent.resumed", pattern, before[pattern], {"by": before[pattern].by})
             self.store.reset_health(functools.partial(fnmatch.fnmatchcase, pat=pattern), now)
+
+    def _alert_once(self, event: str, pattern: str, kill: Kill, fields: dict[str, Any]) -> None:
+        """Every replica applies a shared kill; one of them alerts (the entry names it)."""
+        send = functools.partial(self._alert, event, agent=pattern, **fields)
+        self.store.claim(event, f"{pattern}@{kill.at}", send)
 
     def auto_kill(self, ak: AutoKill) -> Kill:
         """A policy's kill (or pause): held by the store at once, audited; the caller

@@ -44,8 +44,14 @@ log = logging.getLogger(__name__)
 
 
 def for_proxy(fw: Firewall, url: str, state_dir: Path, rules_dir: Path) -> LocalStore:
-    """The store shared through Redis (imported only with ``--redis``)."""
+    """The store shared through Redis (imported only with ``--redis``). A URL that cannot
+    be one stops the start with one line (OptionsError), the password redacted."""
+    from .redis_ops import url_error
     from .redis_store import for_proxy as make
+
+    error = url_error(url)
+    if error is not None:
+        raise exceptions.OptionsError(f"axme-fw: {error}")
 
     return make(fw, url, state_dir, rules_dir)
 

@@ -221,6 +221,15 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:****@{netloc}"))
 
 
+def url_error(url: str) -> str | None:
+    """Why ``url`` is not a Redis URL this can use (password redacted), or None."""
+    try:
+        redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        return f"--redis {redact(url)}: {exc} (use redis://[:PASSWORD@]HOST:PORT/DB or rediss://)"
+    return None
+
+
 def default_replica_id(port: int) -> str:
     return f"{socket.gethostname()}:{port}"
 

@@ -305,18 +305,22 @@ class RedisStore(LocalStore):
             or now - seen.last >= stale_after(agent)
         ]
 
-    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
-        """Stale: reported by the replica that sets ``stale:AGENT`` first. Recovered: by the
-        one that clears it. Once for the fleet."""
-        spawn(self._claim(event, agent, then), f"reporting {event} for {agent}")
+    def claim(self, event: str, subject: str, then: Callable[[], None]) -> None:
+        """Once for the fleet. ``agent.stale``: the replica that sets ``stale:AGENT`` first
+        reports; ``agent.recovered``: the one that clears it. Any other event (a kill-list
+        alert, ``subject`` naming the entry): the first replica to mark it."""
+        spawn(self._claim(event, subject, then), f"reporting {event} for {subject}")
 
-    async def _claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
-        key = f"{ops.P}stale:{agent}"
+    async def _claim(self, event: str, subject: str, then: Callable[[], None]) -> None:
         try:
             if event == "agent.stale":
+                key = f"{ops.P}stale:{subject}"
                 mine = bool(await self.r.set(key, self.replica, nx=True, ex=7 * 86400))
+            elif event == "agent.recovered":
+                mine = bool(await self.r.delete(f"{ops.P}stale:{subject}"))
             else:
-                mine = bool(await self.r.delete(key))
+                key = f"{ops.P}once:{event}:{subject}"
+                mine = bool(await self.r.set(key, self.replica, nx=True, ex=7 * 86400))
         except FAULTS:
             mine = True  # cannot agree: better one report per replica than none
         if mine:
@@ -488,7 +492,11 @@ def for_proxy(fw: Firewall, url: str, state_dir: Path, rules_dir: Path) -> Redis
 
     def said(event: str, fields: dict[str, Any]) -> None:
         fw._audit(event, replica=replica, **fields)
-        fw._alert(event, agent="-", reason=fields.get("error", "reachable again"))
+        why = fields.get("error") or (
+            "kill list put back" if "kills" in fields else "reachable again"
+        )
+        fw._alert(event, replica=replica, reason=why)
 
     store.on_store_event = said
+    log.info("axme-fw: replica %s shares state through Redis %s", replica, ops.redact(url))
     return store

@@ -131,6 +131,9 @@ ALERT_EVENTS = frozenset(
         "agent.recovered",
         "budget.warning",
         "rules.rejected",
+        "store.down",  # a replica lost Redis (one alert per replica: each has its own link)
+        "store.up",
+        "store.restored",  # Redis came back empty: a replica put the kill list back
     }
 )
 

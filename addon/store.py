@@ -22,8 +22,8 @@ What must be atomic across replicas (one Lua script each in a shared store):
 
 Not atomic by design (last writer wins, read for people): health (``saw``/``sweep``),
 usage reads (:meth:`Store.used`: what the replica last read), :meth:`Store.ack` and the
-published snapshots. :meth:`Store.claim` makes one replica report a fleet-wide health
-change (stale, recovered) once.
+published snapshots. :meth:`Store.claim` makes one replica report a fleet-wide change
+(stale, recovered, a kill-list alert) once.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Store(Counters, Protocol):
     def saw(self, agent: str, instance: str, now: float) -> bool: ...
     def sweep(self, now: float, stale_after: Callable[[str], float]) -> list[str]: ...
     def reset_health(self, pattern_matches: Callable[[str], bool], now: float) -> None: ...
-    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None: ...
+    def claim(self, event: str, subject: str, then: Callable[[], None]) -> None: ...
     def seen(self, agent: str) -> Seen | None: ...
     def health_state(self, agent: str, kill_mode: str | None) -> str: ...
     def health_snapshot(self) -> dict[str, Any]: ...
@@ -271,9 +271,10 @@ class LocalStore:
             if pattern_matches(agent):
                 self.health.reset(agent, now)
 
-    def claim(self, event: str, agent: str, then: Callable[[], None]) -> None:
-        """Run ``then`` if this process is the one to report ``event`` (``agent.stale``,
-        ``agent.recovered``) for ``agent``: alone, it always is."""
+    def claim(self, event: str, subject: str, then: Callable[[], None]) -> None:
+        """Run ``then`` if this process is the one to report ``event`` about ``subject``
+        (an agent's ``agent.stale``/``agent.recovered``, a kill-list entry's alert) for
+        the fleet: alone, it always is."""
         then()
 
     def seen(self, agent: str) -> Seen | None:

@@ -7,7 +7,8 @@ password), real clients (requests, the openai SDK) configured only through proxy
   locally with ``on_unavailable: local``), the outage is audited and alerted once per
   replica, and the kill list survives Redis coming back empty;
 - ``rediss://`` with a password works, and the password is written nowhere;
-- a cost ceiling holds across replicas under 30 concurrent SDK calls.
+- a cost ceiling holds across replicas under 30 concurrent SDK calls;
+- a replica SIGKILLed mid-call: its hold lapses (a lease nobody renews), the others go on.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ TOKENS = {
     "limited": "limited-tok-6f9",
     "free": "free-tok-2d5",
     "spender": "spender-tok-b17",
+    "leaser": "leaser-tok-71e",
 }
 CEILING = 0.085  # USD a day: 4 calls (4 x 0.0202 = 0.0808) are 95 % of it
 PER_CALL = expected_usd("test-gpt", "openai")
@@ -147,6 +149,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             {name: (tok, ["any"]) for name, tok in TOKENS.items()},
             limited="limits:\n  requests: {max: 1000, per: 1m, on_exceed: throttle}",
             spender=f"limits:\n  cost_usd: {{max: {CEILING}, per: 1d, on_exceed: throttle}}",
+            leaser="limits:\n  cost_usd: {max: 0.03, per: 1d, on_exceed: throttle}",
         )
     )
     states = [tmp / f"state-{i}" for i in range(3)]
@@ -305,8 +308,6 @@ def test_a_cost_ceiling_holds_across_replicas_under_30_concurrent_sdk_calls(
     assert audited < CEILING + ONE_ESTIMATE, (audited, admitted)
 
     # The fleet's status shows the agent's spend against its ceiling.
-    # NOTE: per-agent "limits" in `axme-fw --redis URL status --json` is being added on
-    # main; until it lands this part fails here (KeyError / missing row).
     res = fleet.cli("status", "--json")
     assert res.returncode == 0, res.stderr
     row = next(a for a in json.loads(res.stdout)["agents"] if a["agent"] == "spender")
@@ -591,3 +592,61 @@ def test_a_malformed_redis_url_is_one_error_line_without_the_password() -> None:
         assert res.stderr.startswith("axme-fw: ") and len(res.stderr.splitlines()) == 1, (
             f"not one error line: {res.stderr[-300:]}"
         )
+
+
+def test_a_replica_killed_mid_call_frees_its_hold_and_the_others_go_on(
+    fleet: Fleet, up: Upstream, tmp_path: Path
+) -> None:
+    """One call's estimate (~$0.021) holds most of a $0.03 ceiling while it runs. Its
+    replica dies (SIGKILL) mid-call: nobody renews the lease, so within HOLD_LEASE the
+    budget is free again on the other replicas; meanwhile they serve everyone else."""
+    import httpx
+    import redis
+
+    from axme_fw.redis_ops import HOLD_LEASE
+
+    ca_pem = fleet.tmp / "upstream-ca.pem"
+    rules = fleet.tmp / "rules"
+    extra = ("--redis", fleet.redis.url, "--replica-id", "doomed")
+    doomed = start_proxy(rules, tmp_path / "doomed", ca_pem, *extra)
+    body = {"model": "test-gpt", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2000}
+    url = f"{fleet.fake.url}/v1/chat/completions"
+
+    def call(p: Proxy, tag: str) -> int:
+        proxy = p.url("leaser", TOKENS["leaser"])
+        with httpx.Client(proxy=proxy, verify=p.ssl_context(), timeout=60) as c:
+            try:
+                return c.post(url, json=body, headers={"x-test-id": tag}).status_code
+            except httpx.HTTPError:
+                return -1  # the replica died under it
+
+    holds = redis.Redis(port=fleet.redis.port, decode_responses=True)
+    hk = "axfw:h:leaser:cost_usd"
+    fleet.fake.hold = 60.0
+    pool = ThreadPoolExecutor(1)
+    try:
+        in_flight = pool.submit(call, doomed, "doomed-call")
+        wait_for(lambda: holds.hlen(hk) == 1, 10, "the doomed replica's hold in Redis")
+        doomed.proc.kill()  # SIGKILL: no shutdown, no release, no settle
+        doomed.proc.wait(10)
+        fleet.fake.hold = 0.0
+        assert in_flight.result(60) == -1
+        killed_at = time.monotonic()
+        r0 = fleet.replicas[0]
+        assert call(r0, "while-held") == 429  # the dead replica's hold still counts
+        assert get(r0, "free", f"{up.url}/others").status_code == 200  # the others go on
+        wait_for(lambda: call(r0, "after-lapse") == 200, HOLD_LEASE + 15, "the hold to lapse")
+        assert time.monotonic() - killed_at < HOLD_LEASE + 15
+        wait_for(lambda: holds.hlen(hk) == 0, 10, "nothing held (lapsed; the new call settled)")
+
+        # The dead replica's heartbeat expired with it: a kill needs only the living.
+        def killed_by_the_living() -> str | None:
+            res = fleet.cli("kill", "free")
+            return res.stdout if res.returncode == 0 else None
+
+        assert "enforced by 3/3 replicas" in wait_for(killed_by_the_living, 15, "3/3")
+        assert fleet.cli("resume", "free").returncode == 0
+    finally:
+        fleet.fake.hold = 0.0
+        pool.shutdown(wait=False)
+        doomed.stop()

@@ -133,3 +133,22 @@ def test_the_password_never_reaches_a_log() -> None:
     assert redact("redis://:hunter2@10.0.0.5:6379/0") == "redis://:****@10.0.0.5:6379/0"
     assert redact("rediss://u:p@h:1/2") == "rediss://u:****@h:1/2"
     assert redact("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_a_live_replica_renews_its_holds_each_beat(stores: tuple[RedisStore, RedisStore]) -> None:
+    """A call longer than the lease keeps its hold while its replica lives."""
+    import time
+
+    a, b = stores
+
+    async def run() -> None:
+        now = time.time()
+        held = await a.reserve("long", COST, 0.6, now - HOLD_LEASE + 1)  # lapses in 1 s
+        assert isinstance(held, Reservation)
+        await a._beat()  # what the watcher does every second
+        assert isinstance(await b.reserve("long", COST, 0.6, now + 5), Exceeded)  # renewed
+        await a.settle("long", COST, 0.1, now + 5, held)
+        await a._beat()  # a settled hold is not brought back
+        assert isinstance(await b.reserve("long", COST, 0.6, now + 5), Reservation)
+
+    asyncio.run(run())
