@@ -200,14 +200,15 @@ return #KEYS
 
 # KEYS: kills, revision.  ARGV: the revision this replica enforces, then agent, kill, ...
 # Redis lost the list (restarted without persistence): put back what a replica enforces.
+# -> 1 if this call put it back, 0 if another replica did first.
 RESTORE = """
 local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cur >= tonumber(ARGV[1]) then return cur end
+if cur >= tonumber(ARGV[1]) then return 0 end
 for i = 2, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
 local rev = tonumber(ARGV[1]) + 1
 redis.call('SET', KEYS[2], rev)
 redis.call('PUBLISH', KEYS[1], rev)
-return rev
+return 1
 """
 
 

@@ -388,8 +388,8 @@ class RedisStore(LocalStore):
             args: list[Any] = [self.revision]
             for k in self.redis_kills:
                 args += [k.agent, ops.kill_json(k)]
-            await self._restore(keys=[ops.KILLS, ops.REVISION], args=args)
-            self._say("store.restored", revision=self.revision + 1, kills=len(self.redis_kills))
+            if await self._restore(keys=[ops.KILLS, ops.REVISION], args=args):
+                self._say("store.restored", revision=self.revision + 1, kills=len(self.redis_kills))
             return await self._sync()
         if rev != self.revision:
             self.revision, self.redis_kills = rev, kills

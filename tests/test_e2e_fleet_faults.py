@@ -397,6 +397,12 @@ def test_redis_sigkilled_keeps_kills_fails_closed_audits_once_and_restores_the_k
             f"want 3/3; the webhook got only {got}"
         ) from None
     assert (alerts("store.down"), alerts("store.up")) == (3, 3)
+    # What the fleet shares is alerted once, by one replica: the kill list put back, the
+    # kill (made long before the crash) and its resume.
+    wait_for(lambda: alerts("agent.resumed") >= 1, 10, "the resume alert")
+    assert alerts("store.restored") == 1
+    held = [e["event"] for e in list(fleet.hooks.events) if e.get("agent") == "held"]
+    assert held == ["agent.killed", "agent.resumed"], held
 
 
 # ---------------------------------------------------------------- 2b. local fallback
