@@ -51,7 +51,8 @@ def unreachable(url: str, exc: Exception) -> str:
 
 
 def status(url: str, as_json: bool) -> None:
-    """Every live replica: id, address, kill-list revision enforced, last heartbeat, in sync."""
+    """Every replica: id, address, kill-list revision enforced, last heartbeat, in sync
+    (lost: registered, but no heartbeat lately)."""
     import json
 
     import redis
@@ -71,7 +72,8 @@ def status(url: str, as_json: bool) -> None:
             "listen": rep.get("listen") or [],
             "revision": rep["acked"],
             "last_heartbeat_s": round(now - float(str(rep.get("at", now))), 1),
-            "in_sync": rep["acked"] >= revision,
+            "in_sync": rep["acked"] >= revision and "lost_s" not in rep,
+            "lost": "lost_s" in rep,  # no heartbeat: down, or cut off from Redis
         }
         for rid, rep in sorted(live.items())
     ]
@@ -83,7 +85,7 @@ def status(url: str, as_json: bool) -> None:
         return
     click.echo(f"kill list revision {revision}: {', '.join(names) or 'no kills'}")
     for row in rows:
-        sync = "in sync" if row["in_sync"] else "BEHIND"
+        sync = "LOST (no heartbeat)" if row["lost"] else "in sync" if row["in_sync"] else "BEHIND"
         where = ", ".join(row["listen"]) or "-"
         click.echo(
             f"  {row['replica']:<20} {where:<22} revision {row['revision']:<5} "

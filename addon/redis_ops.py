@@ -11,9 +11,10 @@ Every key is under ``axfw:``:
   (``id → amount|expiry``: a lease the holding replica renews while its call runs).
 - ``kills`` (hash agent → kill), ``kills:rev`` (revision), channel ``kills`` (the new
   revision, published), ``acks`` (replica → revision it enforces).
-- ``replica:ID`` (heartbeat, short TTL), ``health:ID`` (that replica's health and limits
-  as it last published them), ``stale:AGENT`` (the replica that reported it stale),
-  ``warned:AGENT:KEY`` (``warn_at`` passed in this window).
+- ``replica:ID`` (heartbeat, short TTL), ``replicas`` (every replica's last beat: one
+  whose heartbeat lapsed is *lost*, named by kills for ``LOST_WINDOW``), ``health:ID``
+  (that replica's health and limits as it last published them), ``stale:AGENT`` (the
+  replica that reported it stale), ``warned:AGENT:KEY`` (``warn_at`` passed in this window).
 
 Numbers go in as Python ``repr`` (exact) and are stored by the scripts with 17 digits.
 Times are the replicas' clocks (keep them in sync, NTP): a skew shifts windows by as much.
@@ -33,7 +34,9 @@ from .ruleset import Kill
 
 P = "axfw:"
 KILLS, REVISION, CHANNEL, ACKS = P + "kills", P + "kills:rev", P + "kills", P + "acks"
+REGISTRY = P + "replicas"  # replica → its last beat: who should be live
 HEARTBEAT_TTL = 5  # s: a replica whose heartbeat key expired is not live
+LOST_WINDOW = 120.0  # s: a replica without heartbeat is named (lost) this long, then forgotten
 HOLD_LEASE = 15.0  # s: a hold not renewed for this long (its replica died) is dropped
 
 
@@ -279,7 +282,10 @@ def write_kill(r: redis.Redis, agent: str, kill: Kill | None) -> int:
 
 
 def replicas(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Live replicas (heartbeat key present) with the revision each acknowledged."""
+    """Replicas with the revision each acknowledged: live ones (heartbeat key present),
+    and lost ones (``lost_s``: registered, no heartbeat for that long, under
+    ``LOST_WINDOW``): crashed, or cut off from Redis and perhaps still serving on the kill
+    list they last read. A replica that stops cleanly leaves the registry."""
     acks = r.hgetall(ACKS)
     keys = list(r.scan_iter(P + "replica:*", count=500))
     out = {}
@@ -287,21 +293,41 @@ def replicas(r: redis.Redis) -> dict[str, dict[str, Any]]:
         if raw is not None:
             rid = key.removeprefix(P + "replica:")
             out[rid] = {**json.loads(raw), "acked": int(acks.get(rid, -1))}
+    now = time.time()
+    for rid, raw in r.hgetall(REGISTRY).items():
+        if rid in out:
+            continue
+        beat = json.loads(raw)
+        lost = now - float(beat.get("at") or 0)
+        if lost > LOST_WINDOW:
+            r.hdel(REGISTRY, rid)  # long gone: forgotten
+        else:
+            out[rid] = {**beat, "acked": int(acks.get(rid, -1)), "lost_s": round(lost, 1)}
     return out
+
+
+def named(rid: str, rep: dict[str, Any]) -> str:
+    """A replica as the CLI names one that did not acknowledge."""
+    if "lost_s" in rep:
+        return f"{rid} (no heartbeat for {rep['lost_s']:g} s: down, or cut off from Redis)"
+    return rid
 
 
 def change_and_wait(
     r: redis.Redis, agent: str, kill: Kill | None, wait: float
 ) -> tuple[int, list[str], list[str], float]:
-    """Write a kill (or a resume: None) and wait up to ``wait`` s until every live replica
-    acknowledges it: (revision, live replicas, those behind, ms). Blocking."""
+    """Write a kill (or a resume: None) and wait up to ``wait`` s until every replica
+    acknowledges it: (revision, replicas, those behind as :func:`named`, ms). A lost
+    replica is waited for (it may be reconnecting) and named if it does not come back.
+    Blocking."""
     started = time.monotonic()
     revision = write_kill(r, agent, kill)
     while True:
-        live = replicas(r)
-        behind = sorted(rid for rid, rep in live.items() if rep["acked"] < revision)
+        known = replicas(r)
+        behind = sorted(rid for rid, rep in known.items() if rep["acked"] < revision)
         if not behind or time.monotonic() - started >= wait:
-            return revision, sorted(live), behind, (time.monotonic() - started) * 1000
+            ms = (time.monotonic() - started) * 1000
+            return revision, sorted(known), [named(b, known[b]) for b in behind], ms
         time.sleep(0.002)
 
 

@@ -400,6 +400,7 @@ class RedisStore(LocalStore):
         beat = {"listen": self.listen, "pid": os.getpid(), "at": time.time()}
         async with self.r.pipeline(transaction=False) as p:
             p.set(ops.P + "replica:" + self.replica, json.dumps(beat), ex=ops.HEARTBEAT_TTL)
+            p.hset(ops.REGISTRY, self.replica, json.dumps(beat))
             p.set(ops.P + "health:" + self.replica, self._published, ex=30)
             await p.execute()
         if self._holds:
@@ -454,6 +455,7 @@ class RedisStore(LocalStore):
         try:
             with ops.connect(self.url, TIMEOUT) as r:
                 r.hdel(ops.ACKS, self.replica)
+                r.hdel(ops.REGISTRY, self.replica)  # a clean stop: not lost, gone
                 r.delete(ops.P + "replica:" + self.replica)
                 settle = r.register_script(ops.SETTLE)
                 while self._unsent:  # spend Redis has not seen yet: last chance
