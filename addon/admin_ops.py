@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from . import killswitch, snapshot
 from .metrics import Metrics
 from .rules import KILL_FILE
 from .ruleset import Kill, Operator, Ruleset, is_pattern
+
+Shared = tuple[int, list[str], list[str], float]  # revision, replicas, behind, ms
 
 if TYPE_CHECKING:
     from .firewall import Firewall
@@ -44,7 +46,9 @@ class Operations:
     metrics_registry: Metrics
     metrics_public: bool = False
     extra_operators: Mapping[str, Operator] = field(default_factory=dict)
-    redis_url: str | None = None  # replicas share the kill list: write it there
+    # Replicas share the kill list: (agent, kill or None for a resume, wait s) → revision,
+    # replicas, those behind, ms (RedisStore.change).
+    shared: Callable[[str, Kill | None, float], Awaitable[Shared]] | None = None
 
     def operators(self) -> Mapping[str, Operator]:
         ops = self.rules().operators
@@ -57,7 +61,7 @@ class Operations:
     async def kill(
         self, agent: str, mode: str, reason: str, by: str, address: str
     ) -> tuple[int, dict[str, Any]]:
-        if self.redis_url is not None:
+        if self.shared is not None:
             kill = Kill(agent, mode, reason, by, audit_mod.now_iso())  # type: ignore[arg-type]
             return await self._shared(agent, kill, reason, by, address)
         started = time.monotonic()
@@ -87,7 +91,7 @@ class Operations:
     async def resume(
         self, agent: str, reason: str, by: str, address: str
     ) -> tuple[int, dict[str, Any]]:
-        if self.redis_url is not None:
+        if self.shared is not None:
             return await self._shared(agent, None, reason, by, address)
         started = time.monotonic()
         loop = asyncio.get_running_loop()
@@ -117,19 +121,10 @@ class Operations:
         202 naming the replicas that did not within CONFIRM_WITHIN."""
         import redis
 
-        from .redis_ops import change_and_wait, connect
-
-        assert self.redis_url is not None
-
-        def write() -> tuple[int, list[str], list[str], float]:
-            assert self.redis_url is not None
-            return change_and_wait(connect(self.redis_url, 2.0), agent, kill, CONFIRM_WITHIN)
-
+        assert self.shared is not None
         try:
-            revision, live, behind, ms = await asyncio.get_running_loop().run_in_executor(
-                None, write
-            )
-        except redis.RedisError as exc:
+            revision, live, behind, ms = await self.shared(agent, kill, CONFIRM_WITHIN)
+        except (redis.RedisError, OSError, TimeoutError) as exc:
             return 503, {"error": "store_unavailable", "detail": f"Redis: {exc}"}
         verb = "resumed" if kill is None else ("paused" if kill.mode == "park" else "killed")
         event = {"resumed": "agent.resumed", "paused": "agent.paused"}.get(verb, "agent.killed")
@@ -247,7 +242,7 @@ def start(fw: Firewall) -> None:
         fw.metrics,
         bool(o.axme_metrics_public),
         env_operator(os.environ),
-        o.axme_redis or None,
+        getattr(fw.store, "change", None),  # a RedisStore: the shared kill list
     )
     fw.admin = admin.serve(
         fw.admin_listen,

@@ -26,6 +26,7 @@ import json
 import socket
 import time
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -282,28 +283,45 @@ def write_kill(r: redis.Redis, agent: str, kill: Kill | None) -> int:
 
 
 def replicas(r: redis.Redis) -> dict[str, dict[str, Any]]:
-    """Replicas with the revision each acknowledged: live ones (heartbeat key present),
-    and lost ones (``lost_s``: registered, no heartbeat for that long, under
-    ``LOST_WINDOW``): crashed, or cut off from Redis and perhaps still serving on the kill
-    list they last read. A replica that stops cleanly leaves the registry."""
-    acks = r.hgetall(ACKS)
-    keys = list(r.scan_iter(P + "replica:*", count=500))
-    out = {}
-    for key, raw in zip(keys, r.mget(keys) if keys else [], strict=True):
-        if raw is not None:
-            rid = key.removeprefix(P + "replica:")
-            out[rid] = {**json.loads(raw), "acked": int(acks.get(rid, -1))}
-    now = time.time()
-    for rid, raw in r.hgetall(REGISTRY).items():
-        if rid in out:
+    """Replicas with the revision each acknowledged: see :func:`classify`. Blocking."""
+    with r.pipeline(transaction=False) as p:
+        p.hgetall(ACKS)
+        p.hgetall(REGISTRY)
+        acks, registry = p.execute()
+    beats = r.mget([P + "replica:" + rid for rid in registry]) if registry else []
+    known, gone = classify(acks, registry, beats, time.time())
+    if gone:
+        r.hdel(REGISTRY, *gone)
+    return known
+
+
+def classify(
+    acks: dict[str, str], registry: dict[str, str], beats: Sequence[Any], now: float
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(replicas, ids to forget) from the ``acks`` and ``replicas`` hashes and each
+    registered replica's heartbeat key (``beats``, in registry order). Live: heartbeat key
+    present. Lost (``lost_s``): registered, no heartbeat for that long, under
+    ``LOST_WINDOW``: crashed, or cut off from Redis and perhaps still serving on the kill
+    list it last read. A replica that stops cleanly leaves the registry."""
+    out: dict[str, dict[str, Any]] = {}
+    gone = []
+    for (rid, last), beat in zip(registry.items(), beats, strict=True):
+        acked = int(acks.get(rid, -1))
+        if beat is not None:
+            out[rid] = {**json.loads(beat), "acked": acked}
             continue
-        beat = json.loads(raw)
-        lost = now - float(beat.get("at") or 0)
+        info = json.loads(last)
+        lost = now - float(info.get("at") or 0)
         if lost > LOST_WINDOW:
-            r.hdel(REGISTRY, rid)  # long gone: forgotten
+            gone.append(rid)
         else:
-            out[rid] = {**beat, "acked": int(acks.get(rid, -1)), "lost_s": round(lost, 1)}
-    return out
+            out[rid] = {**info, "acked": acked, "lost_s": round(lost, 1)}
+    return out, gone
+
+
+def waited(known: dict[str, dict[str, Any]], revision: int) -> list[str]:
+    """The replicas that have not acknowledged ``revision`` yet, as :func:`named`."""
+    return [named(rid, rep) for rid, rep in sorted(known.items()) if rep["acked"] < revision]
 
 
 def named(rid: str, rep: dict[str, Any]) -> str:
@@ -324,10 +342,9 @@ def change_and_wait(
     revision = write_kill(r, agent, kill)
     while True:
         known = replicas(r)
-        behind = sorted(rid for rid, rep in known.items() if rep["acked"] < revision)
+        behind = waited(known, revision)
         if not behind or time.monotonic() - started >= wait:
-            ms = (time.monotonic() - started) * 1000
-            return revision, sorted(known), [named(b, known[b]) for b in behind], ms
+            return revision, sorted(known), behind, (time.monotonic() - started) * 1000
         time.sleep(0.002)
 
 

@@ -263,16 +263,46 @@ class RedisStore(LocalStore):
         self._pending_redis[kill.agent] = kill
         spawn(self._share_kill(kill), f"sharing the auto-kill of {kill.agent}")
 
+    async def change(
+        self, agent: str, kill: Kill | None, wait: float
+    ) -> tuple[int, list[str], list[str], float]:
+        """The admin API's kill (or resume: None), on the loop: one atomic write with a
+        new revision, applied here at once, then up to ``wait`` s for every replica's
+        acknowledgement, as :func:`~axme_fw.redis_ops.change_and_wait`. Raises what Redis
+        raises."""
+        started = time.monotonic()
+        rev = await self._write_shared(agent, kill)
+        await self._sync()  # this replica enforces it now, not at its pub/sub message
+        while True:
+            async with self.r.pipeline(transaction=False) as p:
+                p.hgetall(ops.ACKS)
+                p.hgetall(ops.REGISTRY)
+                acks, registry = await p.execute()
+            keys = [ops.P + "replica:" + rid for rid in registry]
+            beats = await self.r.mget(keys) if keys else []
+            known, _gone = ops.classify(acks, registry, beats, time.time())
+            behind = ops.waited(known, rev)
+            if not behind or time.monotonic() - started >= wait:
+                return rev, sorted(known), behind, (time.monotonic() - started) * 1000
+            await asyncio.sleep(0.002)
+
+    async def _write_shared(self, agent: str, kill: Kill | None) -> int:
+        async with self.r.pipeline(transaction=True) as p:
+            if kill is None:
+                p.hdel(ops.KILLS, agent)
+            else:
+                p.hset(ops.KILLS, agent, ops.kill_json(kill))
+            p.incr(ops.REVISION)
+            rev = int((await p.execute())[-1])
+        await self.r.publish(ops.CHANNEL, str(rev))
+        return rev
+
     async def _share_kill(self, kill: Kill) -> None:
         if self.down:
             super().kill(kill)  # kill.yaml now; Redis when it is back (_reconnected)
             return
         try:
-            async with self.r.pipeline(transaction=True) as p:
-                p.hset(ops.KILLS, kill.agent, ops.kill_json(kill))
-                p.incr(ops.REVISION)
-                rev = (await p.execute())[-1]
-            await self.r.publish(ops.CHANNEL, str(rev))
+            await self._write_shared(kill.agent, kill)
         except FAULTS as exc:
             log.error("axme-fw: auto-kill of %s not in Redis (%s): kill.yaml", kill.agent, exc)
             self._mark_down(exc)
