@@ -234,6 +234,7 @@ class KillEnforcer:
         by = f"policy:limits.{ak.spec.key}"
         kill = Kill(ak.agent, ak.mode, ak.detail, by, audit_mod.now_iso())  # type: ignore[arg-type]
         self.store.kill(kill)
+        where = {"replica": self.store.replica} if self.store.replica is not None else {}
         self._audit(
             "agent.auto_killed",
             agent=ak.agent,
@@ -241,6 +242,7 @@ class KillEnforcer:
             rule=f"limits.{ak.spec.key}",
             reason=ak.detail,
             by=by,
+            **where,
         )
         return kill
 

@@ -69,6 +69,8 @@ class RedisStore(LocalStore):
     """Limits, spend and the kill list in Redis; health and snapshots as LocalStore (and
     shared for the fleet's status and staleness)."""
 
+    replica: str
+
     def __init__(
         self,
         url: str,

@@ -87,6 +87,8 @@ class Store(Counters, Protocol):
     def publish_rules(self, rules: Ruleset) -> None: ...
     def publish_live(self, live: Mapping[str, Any]) -> None: ...
 
+    replica: str | None  # this process's id among replicas (None: alone)
+
     def ready(self) -> bool: ...  # the kill list is loaded: requests may be served
     def start(self, loop: asyncio.AbstractEventLoop) -> None: ...
     def close(self) -> None: ...
@@ -104,6 +106,7 @@ class LocalStore:
         traffic). After a crash (no clean flag) the restored windows err on refusing."""
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir, self.rules_dir = state_dir, rules_dir
+        self.replica: str | None = None
         self._audit = audit
         self.loop: asyncio.AbstractEventLoop | None = None
         self.files = Snapshots(state_dir)

@@ -102,6 +102,12 @@ def test_40_simultaneous_deploys_over_3_replicas_let_exactly_3_through(
 
     for p in fleet.replicas:
         wait_for(functools.partial(refused, p), 10, "the auto-kill on every replica")
+    # The audit says which policy killed it, and on which replica.
+    killed = [
+        (r["by"], r["replica"]) for p in fleet.replicas for r in p.audit_events("agent.auto_killed")
+    ]
+    assert killed and {by for by, _ in killed} == {"policy:limits.actions.deploy"}
+    assert {rep for _, rep in killed} <= {"r0", "r1", "r2"}
     res = fleet.cli("resume", "deployer")
     assert res.returncode == 0, res.stderr
     assert "enforced by 3/3 replicas" in res.stdout

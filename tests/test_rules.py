@@ -30,7 +30,7 @@ TOKEN = "tok"
 TOKEN_SHA = "1a7674eb4ee78df7e1ac439a93c3fa8e3c945784d4dec9fd8e3011738b2f1d62"
 EVENTS = (
     "agent.auto_killed, agent.killed, agent.paused, agent.recovered, agent.resumed, "
-    "agent.stale, budget.warning, rules.rejected"
+    "agent.stale, budget.warning, rules.rejected, store.down, store.restored, store.up"
 )
 
 _EMPTY = "empty file: a rules file holds at least one key (to remove its rules, delete the file)"
