@@ -158,7 +158,7 @@ class RedisStore(LocalStore):
                 return Exceeded(specs[int(got[0]) - 1], float(got[1]), max(0.0, float(got[2])))
         else:
             self._fallback(None)
-        return self.admit_here(agent, specs, now, amount)
+        return await super().admit(agent, specs, now, amount)
 
     async def reserve(
         self, agent: str, spec: LimitSpec, amount: float, now: float
@@ -197,7 +197,7 @@ class RedisStore(LocalStore):
         if reservation is not None and reservation.id in self._local_holds:
             # Held in memory while Redis was down: settled here, charged to Redis below.
             self._local_holds.discard(reservation.id)
-            here = self.settle_here(agent, spec, actual, now, reservation)
+            here = await super().settle(agent, spec, actual, now, reservation)
             reservation = None
         if reservation is not None:
             self._holds.pop(reservation.id, None)
@@ -209,7 +209,7 @@ class RedisStore(LocalStore):
             except FAULTS as exc:
                 self._mark_down(exc)
         self._unsent.append((agent, spec, actual, now, rid))  # sent once Redis is back
-        return here if here is not None else self.settle_here(agent, spec, actual, now)
+        return here if here is not None else await super().settle(agent, spec, actual, now)
 
     async def _send_settle(
         self, agent: str, spec: LimitSpec, actual: float, now: float, rid: int

@@ -142,12 +142,6 @@ class LocalStore:
     async def admit(
         self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
     ) -> Exceeded | None:
-        return self.admit_here(agent, specs, now, amount)
-
-    def admit_here(
-        self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
-    ) -> Exceeded | None:
-        """:meth:`admit` in this process's memory."""
         ex = self.windows.admit(agent, specs, now, amount)
         if ex is None:
             # Action limits (deploys) are rare and costly: make them durable at once.
@@ -167,17 +161,6 @@ class LocalStore:
         now: float,
         reservation: Reservation | None = None,
     ) -> Spent:
-        return self.settle_here(agent, spec, actual, now, reservation)
-
-    def settle_here(
-        self,
-        agent: str,
-        spec: LimitSpec,
-        actual: float,
-        now: float,
-        reservation: Reservation | None = None,
-    ) -> Spent:
-        """:meth:`settle` in this process's memory."""
         if reservation is not None:
             self.windows.settle(reservation, actual, now)
         elif math.isfinite(actual) and actual > 0:
