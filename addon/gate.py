@@ -15,7 +15,7 @@ an :class:`Outcome` (what the hooks do with it). In order, first refusal wins:
    the request and its actions are checked and recorded in one
    :meth:`Store.admit <axme_fw.store.Store.admit>`; on exceeding, throttle (429) or
    refuse and auto-kill (block or park). A kill that arrived while the store answered
-   still wins;
+   still wins, but for a policy's kill of a request the store admitted;
 7. forward, noting whether it is an LLM call (its cost is reserved by :meth:`Gate.reserve`
    once the body is known and settled by :meth:`Gate.settle` when its answer ended).
 
@@ -287,7 +287,7 @@ class Gate:
         except StoreUnavailable as exc:
             self._unavailable(out, d.agent, str(exc))
             return
-        if self.rules is not rules and self._redecided(out):
+        if self.rules is not rules and self._redecided(out, admitted=ex is None):
             return
         if ex is None:
             return
@@ -304,11 +304,18 @@ class Gate:
         self._record(out, denied)
         self._exceeded(out, d.agent, ex, detail)
 
-    def _redecided(self, out: Outcome) -> bool:
+    def _redecided(self, out: Outcome, admitted: bool) -> bool:
         """The rules changed during the store call: decide again with the new ones (a kill
-        or a revoked token wins). True when ``out`` stopped being a forward."""
+        or a revoked token wins). True when ``out`` stopped being a forward.
+
+        A policy's kill spares a request the store ``admitted``: the store's serial order
+        put it under the limit, before the request that exceeded it (on any replica), as
+        the kill enforcer spares admitted work in flight. Refusing it would let fewer than
+        ``max`` through, and waste a slot the store has recorded."""
         d = self.decide(out.facts)
         if not d.refused:
+            return False
+        if admitted and d.kill is not None and d.kill.by.startswith("policy:"):
             return False
         self._apply(out, d)
         if out.do is Do.FORWARD:

@@ -127,14 +127,14 @@ class RedisStore(LocalStore):
 
     # ------------------------------------------------------------ limits and spend
 
-    def _fallback(self, exc: BaseException | None) -> bool:
-        """Redis cannot answer: True to count in memory (``local``); else StoreUnavailable."""
+    def _fallback(self, exc: BaseException | None) -> None:
+        """Redis cannot answer: return to count in this replica's memory (``local``), else
+        raise StoreUnavailable (``refuse``: the request gets 503)."""
         if exc is not None:
             self._mark_down(exc)
-        if self._on_unavailable() == "local":
-            return True
-        why = str(exc) if exc is not None else "unreachable; reconnecting"
-        raise StoreUnavailable(why or type(exc).__name__)
+        if self._on_unavailable() != "local":
+            why = str(exc) if exc is not None else "unreachable; reconnecting"
+            raise StoreUnavailable(why or type(exc).__name__)
 
     async def admit(
         self, agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
@@ -208,6 +208,8 @@ class RedisStore(LocalStore):
                 return await self._send_settle(agent, spec, actual, now, rid)
             except FAULTS as exc:
                 self._mark_down(exc)
+        if len(self._unsent) == MAX_UNSENT:
+            log.error("axme-fw: %d settlements wait for Redis: the oldest is dropped", MAX_UNSENT)
         self._unsent.append((agent, spec, actual, now, rid))  # sent once Redis is back
         return here if here is not None else await super().settle(agent, spec, actual, now)
 

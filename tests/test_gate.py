@@ -219,3 +219,36 @@ def test_a_kill_installed_while_the_store_answers_wins_over_the_limits(tmp_path:
     out = decide(gate, req("deployer", "d3p", "POST", "deploy.example.com", "/v1/deploy"))
     assert (out.do, out.status, out.decision.reason) == (Do.REFUSE, 403, "agent_killed")
     assert out.decision.detail == "stop"
+
+
+@pytest.mark.parametrize(
+    ("by", "admitted", "expected"),
+    [
+        # The seed's race: the 3rd deploy was admitted by the store, the 4th (on another
+        # replica) exceeded and killed the agent before the 3rd's answer came back.
+        ("policy:limits.actions.deploy", True, (Do.FORWARD, 0, "ok")),
+        ("policy:limits.actions.deploy", False, (Do.REFUSE, 403, "agent_killed")),
+        ("cli:bob", True, (Do.REFUSE, 403, "agent_killed")),  # an operator's kill cuts it
+    ],
+)
+def test_a_policy_kill_landing_mid_admit_spares_what_the_store_admitted(
+    tmp_path: Path, by: str, admitted: bool, expected: tuple[Do, int, str]
+) -> None:
+    gate = make(tmp_path)
+    rules = tmp_path / "rules"
+    kill = f"kills: [{{agent: deployer, reason: stop, by: '{by}'}}]\n"
+    (rules / "kill.yaml").write_text(kill)
+    killed = load_dir(rules)
+    spec = gate.specs["deployer"].actions["deploy"][0]
+
+    async def racing_admit(
+        agent: str, specs: Sequence[LimitSpec], now: float, amount: float = 1.0
+    ) -> Exceeded | None:
+        gate.install(killed)  # the watcher applied the kill while Redis answered
+        return None if admitted else Exceeded(spec, 3.0, 60.0)
+
+    gate.store.admit = racing_admit  # type: ignore[method-assign]
+    out = decide(gate, req("deployer", "d3p", "POST", "deploy.example.com", "/v1/deploy"))
+    assert (out.do, out.status, out.decision.reason) == expected
+    if expected[0] is Do.REFUSE:
+        assert out.fx.auto_kill is None  # already killed: not killed again
