@@ -36,7 +36,10 @@ def change(url: str, agent: str, mode: str | None, reason: str, by: str) -> None
             f"{verb} {agent}: enforced by {done}/{len(live)} replicas; not acknowledged "
             f"within {WAIT:g} s by {', '.join(behind)}"
         )
-    click.echo(f"{verb} {agent}: enforced by {done}/{len(live)} replicas in {ms:.0f} ms")
+    click.echo(
+        f"{verb} {agent}: enforced by {done}/{len(live)} replicas in {ms:.0f} ms "
+        f"(revision {revision})"
+    )
 
 
 def unreachable(url: str, exc: Exception) -> str:

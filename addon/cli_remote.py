@@ -57,7 +57,8 @@ def change(c: Client, agent: str, mode: str | None, reason: str) -> None:
     ms = float(out.get("enforced_ms", 0))
     if out.get("replicas"):
         n = len(out["replicas"])
-        click.echo(f"{verb}: enforced by {n}/{n} replicas in {ms:.0f} ms")
+        rev = out.get("revision")
+        click.echo(f"{verb}: enforced by {n}/{n} replicas in {ms:.0f} ms (revision {rev})")
         return
     where = ", ".join(out.get("enforced_by") or []) or c.url
     click.echo(f"{verb}: enforced by the proxy on {where} {ms:.0f} ms after the write")

@@ -2,7 +2,8 @@
 --redis` processes, a real redis-server (crashed with SIGKILL, restarted, behind TLS with a
 password), real clients (requests, the openai SDK) configured only through proxy settings.
 
-- one kill cuts the agent's open SSE streams on every replica;
+- one kill (``--redis`` CLI or a replica's admin API) refuses 4 instances of one agent on
+  3 replicas and cuts their open SSE streams;
 - Redis crashes: kills made before stay enforced, shared limits fail closed (or count
   locally with ``on_unavailable: local``), the outage is audited and alerted once per
   replica, and the kill list survives Redis coming back empty;
@@ -25,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import requests
@@ -53,6 +55,7 @@ TOKENS = {
     "spender": "spender-tok-b17",
     "leaser": "leaser-tok-71e",
 }
+ADMIN = "faults-admin-token-5e3"  # every replica's admin operator (AXME_FW_ADMIN_TOKEN)
 CEILING = 0.085  # USD a day: 4 calls (4 x 0.0202 = 0.0808) are 95 % of it
 PER_CALL = expected_usd("test-gpt", "openai")
 ONE_ESTIMATE = 2000 * PRICES["test-gpt"]["output"] / 1e6 + 0.001  # max_tokens at list price
@@ -154,7 +157,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     )
     states = [tmp / f"state-{i}" for i in range(3)]
     try:
-        replicas = start_replicas(server.url, [rules] * 3, states, ca_pem)
+        with mock.patch.dict(os.environ, {"AXME_FW_ADMIN_TOKEN": ADMIN}):
+            replicas = start_replicas(server.url, [rules] * 3, states, ca_pem)
     except BaseException:
         server.stop()
         raise
@@ -197,38 +201,57 @@ class Stream:
             self.ended.set()
 
 
-def test_one_kill_cuts_the_agents_open_sse_streams_on_every_replica(
-    fleet: Fleet, up: Upstream
+def change_via(fleet: Fleet, via: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``axme-fw kill|resume …`` through Redis (``cli``) or the admin API of replica 2."""
+    if via == "cli":
+        return fleet.cli(*args)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXME_FW_")}
+    env["AXME_FW_ADMIN_TOKEN"] = ADMIN
+    server = f"http://127.0.0.1:{fleet.replicas[1].admin_port}"
+    cmd = [AXME_FW, "--server", server, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+
+
+@pytest.mark.parametrize("via", ["cli", "api"])
+def test_one_kill_refuses_4_instances_on_3_replicas_and_cuts_their_streams(
+    fleet: Fleet, up: Upstream, via: str
 ) -> None:
-    streams = [
-        Stream(p.session("streamer", TOKENS["streamer"]), f"{up.url}/sse") for p in fleet.replicas
-    ]
+    """The seed: one agent, 4 instances spread over 3 replicas (r0 twice), each holding an
+    SSE stream. One kill (``--redis`` CLI, or replica 2's admin API) → every stream cut,
+    every instance refused, 3/3 replicas named; resume → every instance back."""
+    spread = [fleet.replicas[i] for i in (0, 1, 2, 0)]
+    sessions = [p.session("streamer", TOKENS["streamer"]) for p in spread]
+    streams = [Stream(s, f"{up.url}/sse") for s in sessions]
     other = Stream(fleet.replicas[0].session("bystander", TOKENS["bystander"]), f"{up.url}/sse")
     try:
         wait_for(
-            lambda: all(len(s.events) >= 3 for s in [*streams, other]), 10, "4 streams flowing"
+            lambda: all(len(s.events) >= 3 for s in [*streams, other]), 10, "5 streams flowing"
         )
-        res = fleet.cli("kill", "streamer", "--reason", "cut every stream")
+        res = change_via(fleet, via, "kill", "streamer", "--reason", "cut every stream")
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("killed streamer: enforced by 3/3 replicas in "), res.stdout
         for i, s in enumerate(streams):  # acknowledged means enforced, streams included
-            assert s.ended.wait(1.0), f"the stream through r{i} was not cut within 1 s"
+            assert s.ended.wait(1.0), f"instance {i}'s stream was not cut within 1 s"
             assert len(s.events) < 400  # cut, not finished (the upstream sends 400)
         n = len(other.events)
         wait_for(lambda: len(other.events) >= n + 3, 5, "the other agent's stream to go on")
         assert not other.ended.is_set(), other.error
-        for p in fleet.replicas:
-            r = get(p, "streamer", f"{up.url}/after-kill")
+        for session in sessions:  # every instance, on its own replica
+            r = session.get(f"{up.url}/after-kill", timeout=10)
             assert refusal(r) == (403, "agent_killed")
-            assert r.json()["error"] == "agent_killed"
             assert r.json()["reason"] == "cut every stream"
+        for p, at_least in zip(fleet.replicas, (2, 1, 1), strict=True):
             cut = [e for e in p.audit_events("kill.enforced") if e["agent"] == "streamer"]
-            assert cut and cut[-1]["flows_cut"] >= 1, p.audit_events("kill.enforced")
-        res = fleet.cli("resume", "streamer")
+            assert cut and cut[-1]["flows_cut"] >= at_least, p.audit_events("kill.enforced")
+        res = change_via(fleet, via, "resume", "streamer")
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("resumed streamer: enforced by 3/3 replicas in ")
-        for p in fleet.replicas:
-            assert get(p, "streamer", f"{up.url}/after-resume").status_code == 200
+        for session in sessions:  # acknowledged: no waiting
+            assert session.get(f"{up.url}/after-resume", timeout=10).status_code == 200
+        again = [Stream(s, f"{up.url}/sse") for s in sessions]
+        wait_for(lambda: all(len(s.events) >= 3 for s in again), 10, "4 streams flowing again")
+        for s in again:
+            s.stop.set()
     finally:
         other.stop.set()
         fleet.cli("resume", "streamer")
