@@ -27,6 +27,7 @@ The only state the gate changes is through its :class:`~axme_fw.store.Store`.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -315,13 +316,21 @@ class Gate:
         d = self.decide(out.facts)
         if not d.refused:
             return False
-        if admitted and d.kill is not None and d.kill.by.startswith("policy:"):
+        if admitted and self._policy_killed_only(d):
             return False
         self._apply(out, d)
         if out.do is Do.FORWARD:
             return False
         out.decision, out.llm = d, None
         return True
+
+    def _policy_killed_only(self, d: Decision) -> bool:
+        """``d`` refuses its own agent for a kill, and every kill entry covering the agent
+        is a policy's (an operator's kill, or one of a destination's, is never spared)."""
+        if d.reason != "agent_killed" or d.inbound or d.agent is None:
+            return False
+        covering = [k for k in self.rules.kills if fnmatch.fnmatchcase(d.agent, k.agent)]
+        return bool(covering) and all(k.by.startswith("policy:") for k in covering)
 
     def _unavailable(self, out: Outcome, agent: str, why: str) -> None:
         """A shared limit or ceiling cannot be checked: fail closed (503)."""

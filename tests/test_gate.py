@@ -221,23 +221,28 @@ def test_a_kill_installed_while_the_store_answers_wins_over_the_limits(tmp_path:
     assert out.decision.detail == "stop"
 
 
+POLICY_KILL = "{agent: deployer, reason: stop, by: 'policy:limits.actions.deploy'}"
+KILLED = (Do.REFUSE, 403, "agent_killed")
+
+
 @pytest.mark.parametrize(
-    ("by", "admitted", "expected"),
+    ("kills", "admitted", "expected"),
     [
         # The seed's race: the 3rd deploy was admitted by the store, the 4th (on another
         # replica) exceeded and killed the agent before the 3rd's answer came back.
-        ("policy:limits.actions.deploy", True, (Do.FORWARD, 0, "ok")),
-        ("policy:limits.actions.deploy", False, (Do.REFUSE, 403, "agent_killed")),
-        ("cli:bob", True, (Do.REFUSE, 403, "agent_killed")),  # an operator's kill cuts it
+        ([POLICY_KILL], True, (Do.FORWARD, 0, "ok")),
+        ([POLICY_KILL], False, KILLED),
+        # An operator's kill cuts it, also beside a policy's (exact names match first).
+        (["{agent: deployer, by: 'cli:bob'}"], True, KILLED),
+        ([POLICY_KILL, "{agent: 'deploy*', by: 'cli:bob'}"], True, KILLED),
     ],
 )
 def test_a_policy_kill_landing_mid_admit_spares_what_the_store_admitted(
-    tmp_path: Path, by: str, admitted: bool, expected: tuple[Do, int, str]
+    tmp_path: Path, kills: list[str], admitted: bool, expected: tuple[Do, int, str]
 ) -> None:
     gate = make(tmp_path)
     rules = tmp_path / "rules"
-    kill = f"kills: [{{agent: deployer, reason: stop, by: '{by}'}}]\n"
-    (rules / "kill.yaml").write_text(kill)
+    (rules / "kill.yaml").write_text(f"kills: [{', '.join(kills)}]\n")
     killed = load_dir(rules)
     spec = gate.specs["deployer"].actions["deploy"][0]
 
