@@ -8,7 +8,8 @@ route                      role      what
 ``GET /v1/kills``          viewer    the kill list as enforced, and its revision
 ``POST /v1/kills``         operator  ``{"agent", "reason", "mode": "block"|"park"}``: kill
 ``DELETE /v1/kills/NAME``  operator  resume (``?reason=``)
-``GET /v1/status``         viewer    the ``status --json`` document
+``GET /v1/status``         viewer    the ``status --json`` document; on a replica, with
+                                     ``fleet``: every replica and agent (Redis)
 ``GET /v1/audit``          viewer    records (``?since=ISO&agent=A&all=1``)
 ``POST /v1/audit/verify``  viewer    the hash chain check
 ``GET /metrics``           viewer    Prometheus text (no auth with ``--metrics-public``)

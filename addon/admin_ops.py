@@ -49,6 +49,8 @@ class Operations:
     # Replicas share the kill list: (agent, kill or None for a resume, wait s) → revision,
     # replicas, those behind, ms (RedisStore.change).
     shared: Callable[[str, Kill | None, float], Awaitable[Shared]] | None = None
+    # Replicas share Redis: the fleet as it holds it (blocking; run in a worker thread).
+    fleet: Callable[[], dict[str, Any]] | None = None
 
     def operators(self) -> Mapping[str, Operator]:
         ops = self.rules().operators
@@ -189,8 +191,18 @@ class Operations:
     async def status(self) -> dict[str, Any]:
         from .status import gather
 
-        rules = self.rules()
-        return await asyncio.get_running_loop().run_in_executor(None, gather, rules, self.state_dir)
+        """This proxy's status document; with replicas, also ``fleet``: every replica and
+        every agent as Redis holds them (``{"error": ...}`` when Redis cannot answer)."""
+        rules, loop = self.rules(), asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, gather, rules, self.state_dir)
+        if self.fleet is not None:
+            import redis
+
+            try:
+                data["fleet"] = await loop.run_in_executor(None, self.fleet)
+            except (redis.RedisError, OSError) as exc:
+                data["fleet"] = {"error": "store_unavailable", "detail": f"Redis: {exc}"}
+        return data
 
     async def records(
         self, agent: str | None, since: str | None, everything: bool
@@ -243,6 +255,7 @@ def start(fw: Firewall) -> None:
         bool(o.axme_metrics_public),
         env_operator(os.environ),
         getattr(fw.store, "change", None),  # a RedisStore: the shared kill list
+        getattr(fw.store, "fleet_view", None),  # and the fleet it holds
     )
     fw.admin = admin.serve(
         fw.admin_listen,

@@ -67,8 +67,6 @@ def change(c: Client, agent: str, mode: str | None, reason: str) -> None:
 def status(c: Client, as_json: bool, watch: bool) -> None:
     from rich.console import Console
 
-    from .status import render
-
     def fetch() -> dict[str, Any]:
         code, data = _call(c, "GET", "/v1/status")
         if code != 200 or not isinstance(data, dict):
@@ -80,17 +78,34 @@ def status(c: Client, as_json: bool, watch: bool) -> None:
         return
     console = Console()
     if not watch:
-        console.print(render(fetch()))
+        console.print(shown(fetch()))
         return
     from rich.live import Live
 
-    with Live(render(fetch()), console=console, auto_refresh=False) as live:
+    with Live(shown(fetch()), console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(1.0)
-                live.update(render(fetch()), refresh=True)
+                live.update(shown(fetch()), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+def shown(data: dict[str, Any]) -> Any:
+    """The proxy's table; for a replica, then every replica and agent of the fleet."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from .status import render
+
+    fleet = data.get("fleet")
+    if fleet is None:
+        return render(data)
+    if "error" in fleet:
+        return Group(render(data), Text(f"fleet: {fleet['detail']}", style="red"))
+    from .fleet_view import lines
+
+    return Group(render(data), Text("fleet (Redis):", style="bold"), Text("\n".join(lines(fleet))))
 
 
 def records(c: Client, agent: str | None, since: str | None, everything: bool) -> list[Any]:

@@ -322,6 +322,14 @@ class RedisStore(LocalStore):
             ack = self.r.hset(ops.ACKS, self.replica, self.revision)
             spawn(self._quiet(ack), "acknowledging the kill list")
 
+    def fleet_view(self) -> dict[str, Any]:
+        """Every replica and agent as Redis holds them (:func:`axme_fw.fleet_view.view`).
+        Blocking: for a worker thread (the admin API's status), never the loop."""
+        from .fleet_view import view
+
+        with ops.connect(self.url, 2.0) as r:
+            return view(r, time.time())
+
     # ------------------------------------------------------------ health, fleet-wide
 
     def publish_live(self, live: Any) -> None:

@@ -238,6 +238,45 @@ def test_health_is_fleet_wide_stale_alerts_once_and_status_merges_replicas(
     assert len(recovered) == 1
 
 
+def test_status_through_any_replicas_admin_api_shows_every_replica_and_instance(
+    fleet: Fleet, up: Upstream
+) -> None:
+    """``axme-fw --server URL status`` on one replica: the fleet as Redis holds it, every
+    replica and the agent's 4 instances wherever they connect (r0 twice, r1, r2)."""
+    import json
+
+    for i, p in enumerate(fleet.replicas[j] for j in (0, 1, 2, 0)):
+        r = p.session("coder", CTOKEN).get(
+            f"{up.url}/s{i}", headers={"X-Agent-Instance": f"pod-{i}"}, timeout=10
+        )
+        assert r.status_code == 200
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXME_FW_")}
+    env["AXME_FW_ADMIN_TOKEN"] = ADMIN
+    server = f"http://127.0.0.1:{fleet.replicas[1].admin_port}"
+
+    def status(*args: str) -> str:
+        cmd = [AXME_FW, "--server", server, "status", *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def coder() -> dict[str, object]:
+        view = json.loads(status("--json"))["fleet"]
+        return next((a for a in view["agents"] if a["agent"] == "coder"), {})
+
+    pods = {f"pod-{i}" for i in range(4)}
+    wait_for(lambda: pods <= set(coder().get("instances") or ()), 10, "4 instances in the fleet")
+    view = json.loads(status("--json"))["fleet"]
+    assert [r["replica"] for r in view["replicas"]] == ["r0", "r1", "r2"]
+    assert all(r["in_sync"] and r["listen"] for r in view["replicas"]), view
+    assert {r["revision"] for r in view["replicas"]} == {view["revision"]}
+    text = status()
+    assert "fleet (Redis):" in text
+    for rid in ("r0", "r1", "r2"):
+        assert f"  {rid} " in text and "in sync" in text
+    assert "pod-0, pod-1, pod-2, pod-3" in text
+
+
 def test_spend_ceiling_holds_across_replicas_with_concurrent_llm_calls(
     tmp_path: Path,
 ) -> None:
