@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -260,7 +261,7 @@ def test_status_through_any_replicas_admin_api_shows_every_replica_and_instance(
         assert res.returncode == 0, res.stderr
         return res.stdout
 
-    def coder() -> dict[str, object]:
+    def coder() -> dict[str, Any]:
         view = json.loads(status("--json"))["fleet"]
         return next((a for a in view["agents"] if a["agent"] == "coder"), {})
 
