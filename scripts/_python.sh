@@ -1,4 +1,5 @@
-# Sourced by scripts/run and scripts/test: find Python 3.13 and make .venv.
+# Sourced by scripts/run, scripts/test and scripts/bench: find Python 3.13 and make .venv;
+# install a Debian package a script needs when running as root.
 # Does not rely on pyenv shims or shell set-up.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,4 +27,17 @@ ensure_venv() {
         rm -f "$venv"/.installed-*
         touch "$stamp"
     fi
+}
+# debian_install PKG: apt-get install PKG when root with apt-get; 1 when it cannot.
+debian_install() {
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 || return 1
+    echo "== installing $1 (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" >/dev/null; }
+}
+# redis_ok: a redis-server binary of version 7 or newer is on PATH.
+redis_ok() {
+    local major
+    major="$(redis-server --version 2>/dev/null | sed -n 's/.* v=\([0-9]*\)\..*/\1/p')"
+    [ -n "$major" ] && [ "$major" -ge 7 ]
 }
