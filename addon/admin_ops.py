@@ -189,10 +189,10 @@ class Operations:
         return 200, body
 
     async def status(self) -> dict[str, Any]:
-        from .status import gather
-
         """This proxy's status document; with replicas, also ``fleet``: every replica and
         every agent as Redis holds them (``{"error": ...}`` when Redis cannot answer)."""
+        from .status import gather
+
         rules, loop = self.rules(), asyncio.get_running_loop()
         data = await loop.run_in_executor(None, gather, rules, self.state_dir)
         if self.fleet is not None:

@@ -27,7 +27,6 @@ The only state the gate changes is through its :class:`~axme_fw.store.Store`.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -329,7 +328,7 @@ class Gate:
         is a policy's (an operator's kill, or one of a destination's, is never spared)."""
         if d.reason != "agent_killed" or d.inbound or d.agent is None:
             return False
-        covering = [k for k in self.rules.kills if fnmatch.fnmatchcase(d.agent, k.agent)]
+        covering = self.rules.kills_for(d.agent)
         return bool(covering) and all(k.by.startswith("policy:") for k in covering)
 
     def _unavailable(self, out: Outcome, agent: str, why: str) -> None:

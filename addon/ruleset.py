@@ -212,6 +212,11 @@ class Ruleset:
                 return kill
         return None
 
+    def kills_for(self, agent: str) -> tuple[Kill, ...]:
+        """Every kill entry matching ``agent``, exact names and globs alike."""
+        globbed = tuple(kill for pat, kill in self._kill_globs if pat.match(agent))
+        return (*(k for k in self.kills if k.agent == agent), *globbed)
+
     def agent_at(self, host: str, port: int) -> str | None:
         """The agent whose ``addresses`` include ``host:port`` (or bare ``host``)."""
         if not self._addresses:

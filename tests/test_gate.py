@@ -235,6 +235,7 @@ KILLED = (Do.REFUSE, 403, "agent_killed")
         # An operator's kill cuts it, also beside a policy's (exact names match first).
         (["{agent: deployer, by: 'cli:bob'}"], True, KILLED),
         ([POLICY_KILL, "{agent: 'deploy*', by: 'cli:bob'}"], True, KILLED),
+        ([POLICY_KILL, "{agent: deployer, by: 'cli:bob'}"], True, KILLED),  # the 2nd exact
     ],
 )
 def test_a_policy_kill_landing_mid_admit_spares_what_the_store_admitted(
