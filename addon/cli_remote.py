@@ -78,7 +78,7 @@ def status(c: Client, as_json: bool, watch: bool) -> None:
         return
     console = Console()
     if not watch:
-        console.print(shown(fetch()))
+        console.print(shown(fetch()), crop=False)
         return
     from rich.live import Live
 
@@ -105,7 +105,9 @@ def shown(data: dict[str, Any]) -> Any:
         return Group(render(data), Text(f"fleet: {fleet['detail']}", style="red"))
     from .fleet_view import lines
 
-    return Group(render(data), Text("fleet (Redis):", style="bold"), Text("\n".join(lines(fleet))))
+    # As `--redis status` prints them: one line per replica, never wrapped at 80 columns.
+    fleet_lines = Text("\n".join(lines(fleet)), no_wrap=True, overflow="ignore")
+    return Group(render(data), Text("fleet (Redis):", style="bold"), fleet_lines)
 
 
 def records(c: Client, agent: str | None, since: str | None, everything: bool) -> list[Any]:

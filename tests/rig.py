@@ -269,6 +269,17 @@ class Proxy:
         return self.proc.returncode
 
 
+def server_cli(
+    admin_port: int, token: str, *args: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """`axme-fw --server http://127.0.0.1:ADMIN_PORT ...` as an operator's laptop runs it:
+    the token in AXME_FW_ADMIN_TOKEN, no other AXME_FW_* setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AXME_FW_")}
+    env["AXME_FW_ADMIN_TOKEN"] = token
+    cmd = [AXME_FW, "--server", f"http://127.0.0.1:{admin_port}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
 def start_proxy(
     rules: Path, state: Path, upstream_ca_pem: Path | None = None, *extra: str
 ) -> Proxy:

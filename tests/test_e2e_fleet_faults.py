@@ -38,6 +38,7 @@ from tests.rig import (
     Proxy,
     Upstream,
     agents_yaml,
+    server_cli,
     start_proxy,
     upstream_ca,
     wait_for,
@@ -205,11 +206,7 @@ def change_via(fleet: Fleet, via: str, *args: str) -> subprocess.CompletedProces
     """``axme-fw kill|resume …`` through Redis (``cli``) or the admin API of replica 2."""
     if via == "cli":
         return fleet.cli(*args)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AXME_FW_")}
-    env["AXME_FW_ADMIN_TOKEN"] = ADMIN
-    server = f"http://127.0.0.1:{fleet.replicas[1].admin_port}"
-    cmd = [AXME_FW, "--server", server, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30)
+    return server_cli(fleet.replicas[1].admin_port, ADMIN, *args)
 
 
 @pytest.mark.parametrize("via", ["cli", "api"])
